@@ -1,0 +1,169 @@
+"""Benchmarks: ``python scripts/bench.py [--only chain_memory|tables]`` → ``outputs/bench/*.json``.
+
+* ``chain_memory``: memory and time of backpropagating a reward through a 5- vs 50-step
+  Euler–Maruyama chain, with and without per-step gradient checkpointing. Memory is the
+  bytes of the unique storages autograd saves during the forward (parameters excluded: they
+  are held anyway), counted with ``saved_tensors_hooks``; on a GPU also the peak allocated
+  memory above the baseline. (With checkpointing, the ops inside a step save through the
+  checkpoint's own hooks, so they are — rightly — not counted: they are recomputed; what each
+  checkpoint keeps, its input state ``[B, d]``, is small.)
+* ``tables``: wall time of the full ``qlearning_table3`` and ``qlearning_table4`` runs from
+  empty run and cache folders (about 20 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion_rl.backbones.mlp import MLPBackbone
+from diffusion_rl.core.processes import OUProcess
+from diffusion_rl.core.samplers import EulerMaruyama, GradWindow
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "outputs" / "bench"
+TABLES = ("qlearning_table3", "qlearning_table4")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": device_description(device), "device_type": device.type, "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def write_json(name: str, payload: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+# --- (a) chain memory -------------------------------------------------------------------------
+def saved_bytes_counter(exclude: set[int]):
+    """``(pack, unpack, storages)``: hooks recording each unique storage autograd saves."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    return pack, (lambda t: t), storages
+
+
+def chain_backprop(backbone, steps: int, checkpoint: bool, batch: int, device: torch.device) -> dict:
+    sampler = EulerMaruyama(OUProcess(T=5.0, theta=1.0, sigma=math.sqrt(2.0)), steps)
+    backbone.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
+    pack, unpack, storages = saved_bytes_counter(params)
+    generator = torch.Generator(device=device).manual_seed(0)
+    start = time.perf_counter()
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        traj = sampler.rollout(backbone, batch, generator=generator, event_shape=backbone.event_shape,
+                               grad_window=GradWindow("all"), checkpoint_steps=checkpoint, device=device)
+        loss = -((traj.final - 1.0) ** 2).sum(-1).mean()  # any differentiable terminal reward
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result = {"steps": steps, "checkpoint_steps": checkpoint, "wall_seconds": time.perf_counter() - start,
+              "saved_tensor_bytes": sum(storages.values()), "saved_tensor_storages": len(storages)}
+    if device.type == "cuda":
+        result["cuda_peak_bytes_above_baseline"] = torch.cuda.max_memory_allocated(device) - base
+    del traj, loss
+    return result
+
+
+def chain_memory(batch: int, hidden: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    backbone = MLPBackbone(dim=2, hidden=hidden).to(device)
+    chain_backprop(backbone, 1, False, batch, device)  # warm-up (allocator, kernels)
+    runs = [chain_backprop(backbone, steps, ckpt, batch, device) for steps in (5, 50) for ckpt in (False, True)]
+    by = {(r["steps"], r["checkpoint_steps"]): r["saved_tensor_bytes"] for r in runs}
+    return {**environment(device),
+            "setup": {"backbone": f"MLPBackbone(dim=2, hidden={hidden}, tanh/relu)", "batch": batch,
+                      "sampler": "EulerMaruyama on OU(T=5)", "grad_window": "all",
+                      "reward": "-|x - 1|^2 mean, backpropagated through the whole chain"},
+            "runs": runs,
+            "ratio_50_over_5_no_checkpoint": by[(50, False)] / by[(5, False)],
+            "ratio_checkpoint_over_plain_50": by[(50, True)] / by[(50, False)]}
+
+
+# --- (b) tables wall time ----------------------------------------------------------------------
+def tables_wall_time() -> dict:
+    bench = Path("outputs/bench")
+    for sub in ("runs", "cache", "report"):
+        shutil.rmtree(ROOT / bench / sub, ignore_errors=True)
+    overrides = [f"paths.runs_dir={bench / 'runs'}", f"paths.cache_dir={bench / 'cache'}",
+                 f"paths.report_dir={bench / 'report'}"]
+    tables = {}
+    for name in TABLES:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "scripts/make_table.py", name, *overrides], cwd=ROOT)
+        tables[name] = {"seconds": time.perf_counter() - start, "returncode": proc.returncode}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {**environment(device), "tables": tables,
+            "total_seconds": sum(t["seconds"] for t in tables.values()),
+            "ok": all(t["returncode"] == 0 for t in tables.values())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("chain_memory", "tables"), help="run one part (default: both)")
+    parser.add_argument("--batch", type=int, default=2048, help="chains per rollout (chain_memory)")
+    parser.add_argument("--hidden", type=int, default=1024, help="MLP width (chain_memory)")
+    args = parser.parse_args()
+    summary, ok = [], True
+    if args.only in (None, "chain_memory"):
+        res = chain_memory(args.batch, args.hidden)
+        path = write_json("chain_memory", res)
+        summary.append(f"chain_memory ({res['device']}, batch {args.batch}, hidden {args.hidden}) -> {path}")
+        for r in res["runs"]:
+            cuda = f", cuda peak {r['cuda_peak_bytes_above_baseline'] / 2**20:8.1f} MiB" if "cuda_peak_bytes_above_baseline" in r else ""
+            summary.append(f"  {r['steps']:>2} steps, checkpoint={str(r['checkpoint_steps']):<5}: saved "
+                           f"{r['saved_tensor_bytes'] / 2**20:8.1f} MiB{cuda}, {r['wall_seconds']:.2f} s")
+        summary.append(f"  50/5 steps (no checkpoint): x{res['ratio_50_over_5_no_checkpoint']:.1f}; "
+                       f"checkpointed/plain at 50 steps: {res['ratio_checkpoint_over_plain_50']:.4f}")
+    if args.only in (None, "tables"):
+        res = tables_wall_time()
+        path = write_json("tables_wall_time", res)
+        ok = res["ok"]
+        summary.append(f"tables_wall_time ({res['device']}, {res['cpu_count']} CPUs, torch {res['torch']}) -> {path}")
+        for name, t in res["tables"].items():
+            summary.append(f"  {name}: {t['seconds']:.0f} s" + ("" if t["returncode"] == 0 else f" (FAILED, rc {t['returncode']})"))
+        summary.append(f"  total: {res['total_seconds']:.0f} s")
+    print("\n".join(summary))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

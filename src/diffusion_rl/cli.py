@@ -1,0 +1,61 @@
+"""Command-line entry: ``diffusion-rl [group=option ...] [key=value ...]`` (``-m`` for sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+
+from .validation import ConfigError, check_group_overrides, validate
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _task(cfg: DictConfig) -> float | None:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        _fail(str(err))
+    import lightning as L  # heavy imports after validation: bad input fails fast
+    import torch
+
+    from .runner import run
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the entry point seeds; library code never does
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run(cfg, run_dir)
+    except ValueError as err:  # a constructor's range check: still one line
+        _fail(str(err))
+    except InstantiationException as err:  # the same, wrapped by hydra.utils.instantiate
+        cause = err.__cause__
+        if not isinstance(cause, ValueError):
+            raise
+        _fail(str(cause))
+    return metrics.get("reward_mean")
+
+
+def main() -> None:
+    try:
+        check_group_overrides(sys.argv[1:], CONFIG_DIR)
+    except ConfigError as err:
+        _fail(str(err))
+    _task()
+
+
+if __name__ == "__main__":
+    main()

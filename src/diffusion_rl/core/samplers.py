@@ -1,0 +1,224 @@
+"""Samplers: one time grid, one rollout loop, and a per-sampler Gaussian transition.
+
+Every sampler is a chain ``x_{k+1} = mean_k(x_k, output_k) + std_k * noise_k``; subclasses
+only say how to turn a network output into ``(mean_k, std_k)``. The rollout records the
+chain as a :class:`~diffusion_rl.core.trajectory.Trajectory` with gradients flowing only
+through the steps of a :class:`GradWindow`, optionally checkpointed step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .processes import ForwardProcess, _bcast
+from .trajectory import Trajectory
+
+#: ``policy(x [B, *E], s [B], cond) -> output [B, *E]``: a backbone, or a wrapper around one
+Policy = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+@dataclass
+class GradWindow:
+    """Which steps of a rollout carry gradient to the parameters.
+
+    * ``none``: no step (policy-gradient methods recompute log-probs afterwards);
+    * ``all``: full backpropagation through the chain (reward backprop, ELEGANT);
+    * ``last_k``: the last ``k`` steps, earlier states detached (DRaFT-K truncation);
+    * ``random_k``: the last ``K`` steps with ``K ~ U{1..k}`` drawn per rollout (AlignProp).
+    """
+
+    kind: str = "none"
+    k: int = 1
+
+    def __post_init__(self):
+        if self.kind not in ("none", "all", "last_k", "random_k"):
+            raise ValueError(f"grad_window.kind must be none|all|last_k|random_k (got {self.kind!r})")
+        if self.kind in ("last_k", "random_k") and self.k < 1:
+            raise ValueError(f"grad_window.k must be >= 1 (got {self.k})")
+
+    def start(self, num_steps: int, generator: torch.Generator | None = None) -> int:
+        """Index of the first step that carries gradient (``num_steps`` means none)."""
+        if self.kind == "none":
+            return num_steps
+        if self.kind == "all":
+            return 0
+        k = min(self.k, num_steps)
+        if self.kind == "random_k":
+            k = int(torch.randint(1, k + 1, (1,), generator=generator).item())
+        return num_steps - k
+
+
+class Sampler:
+    """Base sampler over the uniform grid ``s_k = T - k (T - t_min) / K``, ``k = 0..K``."""
+
+    stochastic: bool = True
+
+    def __init__(self, process: ForwardProcess, num_steps: int):
+        if num_steps <= 0:
+            raise ValueError(f"sampler.num_steps must be > 0 (got {num_steps})")
+        self.process = process
+        self.num_steps = int(num_steps)
+        self.times = torch.linspace(process.T, process.t_min, self.num_steps + 1)
+
+    @property
+    def dt(self) -> float:
+        return float(self.times[0] - self.times[1])
+
+    def _grid(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample ``s_k`` and step size ``s_k - s_{k+1}`` (both ``[B]``) on ``x``'s device."""
+        times = self.times.to(x.device)
+        return times[k], times[k] - times[k + 1]
+
+    # --- one step -----------------------------------------------------------------------
+    def transition(self, x: Tensor, k: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean ``[B, *E]`` and std ``[B]`` of ``x_{k+1}`` given ``x = x_k`` and per-sample step
+        indices ``k [B]`` (per-sample so all steps of a trajectory can be recomputed in one batch)."""
+        raise NotImplementedError
+
+    def step_kl(self, x: Tensor, k: Tensor, output: Tensor, ref_output: Tensor,
+                mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+        """``[B]`` KL between this step's transition and the reference one.
+
+        Stochastic steps: the exact Gaussian KL ``|mean - ref_mean|^2 / (2 std^2)``. A
+        deterministic step has no KL, so we use the Girsanov control cost of the same two
+        scores, ``g^2 dt |output - ref_output|^2 / 2``: what the two SDEs would differ by.
+        """
+        dims = tuple(range(1, x.dim()))
+        s, dt = self._grid(x, k)
+        control_cost = 0.5 * self.process.reverse_diffusion(s) ** 2 * dt * ((output - ref_output) ** 2).sum(dims)
+        if not self.stochastic:
+            return control_cost
+        gaussian = ((mean - ref_mean) ** 2).sum(dims) / (2 * torch.where(std > 0, std, torch.ones_like(std)) ** 2)
+        return torch.where(std > 0, gaussian, control_cost)  # a zero-noise step of a stochastic sampler
+
+    # --- whole chains -----------------------------------------------------------------------
+    def rollout(
+        self,
+        policy: Policy,
+        batch_size: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        x_init: Tensor | None = None,
+        event_shape: tuple[int, ...] | None = None,
+        cond: Any = None,
+        reference: Policy | None = None,
+        grad_window: GradWindow | None = None,
+        checkpoint_steps: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> Trajectory:
+        """Simulate ``K`` steps from ``x_init`` (or a prior draw of ``batch_size x event_shape``)."""
+        if x_init is None:
+            x = self.process.prior_sample((batch_size, *event_shape), generator=generator, device=device)
+        else:
+            x = x_init
+        B, K = x.shape[0], self.num_steps
+        grad_start = (grad_window or GradWindow()).start(K, generator)
+        times = self.times.to(x.device)
+
+        states, outputs, means, stds, noises, kls = [x], [], [], [], [], []
+        for k in range(K):
+            kk = torch.full((B,), k, dtype=torch.long, device=x.device)
+            s = times[kk]
+            carries_grad = k >= grad_start
+            if k == grad_start:
+                x = x.detach()  # truncation: nothing before the window receives gradient
+            with torch.set_grad_enabled(carries_grad and torch.is_grad_enabled()):
+                if carries_grad and checkpoint_steps:
+                    out, mean, std = checkpoint(self._step, policy, x, kk, s, cond, use_reentrant=False)
+                else:
+                    out, mean, std = self._step(policy, x, kk, s, cond)
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_out = reference(x, s, cond)
+                        ref_mean, _ = self.transition(x, kk, ref_out)
+                    kls.append(self.step_kl(x, kk, out, ref_out, mean, ref_mean, std))
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x = mean + _bcast(std, mean) * noise if self.stochastic else mean
+            states.append(x)
+            outputs.append(out)
+            means.append(mean)
+            stds.append(std[0])
+            noises.append(noise)
+        return Trajectory(
+            states=torch.stack(states), times=times, outputs=torch.stack(outputs),
+            means=torch.stack(means), stds=torch.stack(stds), noises=torch.stack(noises),
+            kl=torch.stack(kls) if kls else None, grad_start=grad_start, cond=cond,
+        )
+
+    def _step(self, policy: Policy, x: Tensor, k: Tensor, s: Tensor, cond: Any):
+        out = policy(x, s, cond)
+        mean, std = self.transition(x, k, out)
+        return out, mean, std
+
+    def recompute_means(self, policy: Policy, traj: Trajectory) -> Tensor:
+        """``[K, B, *E]`` transition means of the recorded states under ``policy``, all steps in
+        one batched call (PPO-style ratios need them under the current parameters)."""
+        K, B = traj.num_steps, traj.states.shape[1]
+        x = traj.states[:-1].detach().flatten(0, 1)
+        k = torch.arange(K, device=x.device).repeat_interleave(B)
+        out = policy(x, self.times.to(x.device)[k], _repeat_cond(traj.cond, K))
+        mean, _ = self.transition(x, k, out)
+        return mean.reshape(traj.means.shape)
+
+
+def _repeat_cond(cond: Any, K: int) -> Any:
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond.repeat(K, *([1] * (cond.dim() - 1)))
+    raise TypeError("batched recomputation supports tensor conditioning only")
+
+
+class EulerMaruyama(Sampler):
+    """Euler–Maruyama on the reverse SDE: ``x + drift dt + g sqrt(dt) noise`` (q-learning eq. 33)."""
+
+    stochastic = True
+
+    def transition(self, x, k, output):
+        s, dt = self._grid(x, k)
+        mean = x + self.process.reverse_drift(x, s, output) * _bcast(dt, x)
+        return mean, self.process.reverse_diffusion(s) * dt.sqrt()
+
+
+class ODEEuler(Sampler):
+    """Euler steps on the probability-flow ODE (Song et al. 2021): deterministic."""
+
+    stochastic = False
+
+    def transition(self, x, k, output):
+        s, dt = self._grid(x, k)
+        return x + self.process.ode_drift(x, s, output) * _bcast(dt, x), torch.zeros_like(dt)
+
+
+class DDIM(Sampler):
+    """DDIM(eta) written for any Gaussian marginal ``x_s = alpha x_0 + sigma eps``.
+
+    The score gives ``eps_hat = -sigma score`` and ``x0_hat = (x + sigma^2 score) / alpha``;
+    the step to ``s'`` is ``alpha' x0_hat + sqrt(sigma'^2 - std^2) eps_hat + std noise`` with
+    ``std^2 = eta^2 sigma'^2 (sigma^2 - (alpha / alpha')^2 sigma'^2) / sigma^2``, the DDPM
+    posterior variance scaled by ``eta^2`` (eta = 0: deterministic DDIM; eta = 1: DDPM).
+    """
+
+    def __init__(self, process: ForwardProcess, num_steps: int, eta: float = 0.0):
+        super().__init__(process, num_steps)
+        if eta < 0:
+            raise ValueError(f"sampler.eta must be >= 0 (got {eta})")
+        self.eta = float(eta)
+        self.stochastic = self.eta > 0
+
+    def transition(self, x, k, output):
+        times = self.times.to(x.device)
+        a, sig = self.process.marginal_coeffs(times[k])
+        a_next, sig_next = self.process.marginal_coeffs(times[k + 1])
+        post_var = sig_next**2 * (sig**2 - (a / a_next) ** 2 * sig_next**2) / sig**2
+        var = (self.eta**2 * post_var).clamp_min(0)
+        eps_hat = -_bcast(sig, x) * output
+        x0_hat = (x + _bcast(sig**2, x) * output) / _bcast(a, x)
+        mean = _bcast(a_next, x) * x0_hat + _bcast((sig_next**2 - var).clamp_min(0).sqrt(), x) * eps_hat
+        return mean, var.sqrt()

@@ -1,0 +1,124 @@
+"""The base class every fine-tuning method extends.
+
+A method owns a trainable backbone, a frozen copy of it (the pretrained reference), the
+sampler, the reward and a ``torch.Generator``; it overrides ``update()`` (one iteration:
+rollouts, losses, optimiser steps) and, when it trains more than the backbone,
+``configure_optimizers``. Lightning provides the loop, checkpointing and loggers; we use
+manual optimisation because one iteration may take several optimiser steps (PPO epochs,
+actor and critic).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..backbones.base import Backbone
+from ..core.samplers import GradWindow, Sampler
+from ..core.trajectory import Trajectory
+from ..rewards.base import Reward
+
+
+class _Iterations(torch.utils.data.Dataset):
+    """A "dataset" of iteration indices: rollouts generate their own data."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+class FineTuneMethod(L.LightningModule):
+    def __init__(self, backbone: Backbone, sampler: Sampler, reward: Reward, *, iterations: int,
+                 batch_size: int, lr: float, seed: int = 0, iterations_per_epoch: int = 50,
+                 grad_window: dict | None = None, checkpoint_steps: bool = False, dataset=None,
+                 max_grad_norm: float | None = None):
+        super().__init__()
+        for key, v in (("iterations", iterations), ("batch_size", batch_size), ("iterations_per_epoch", iterations_per_epoch)):
+            if v < 0 or (v == 0 and key != "iterations"):
+                raise ValueError(f"method.{key} must be > 0 (got {v})")
+        if lr <= 0:
+            raise ValueError(f"method.lr must be > 0 (got {lr})")
+        self.automatic_optimization = False
+        self.backbone = backbone
+        self.reference = backbone.frozen_reference()
+        self.sampler, self.reward, self.dataset = sampler, reward, dataset
+        self.iterations, self.batch_size, self.lr = iterations, batch_size, lr
+        self.iterations_per_epoch = min(iterations_per_epoch, max(iterations, 1))
+        self.grad_window = GradWindow(**(grad_window or {}))
+        self.checkpoint_steps = checkpoint_steps
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: Tensor | None = None
+
+    # --- randomness: one generator per run, saved in checkpoints so resume continues it --
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+            if self._pending_generator_state is not None:
+                self._generator.set_state(self._pending_generator_state)
+        return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["generator_state"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_generator_state = checkpoint["generator_state"]
+        self._generator = None
+
+    # --- what subclasses use -----------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return -(-self.iterations // self.iterations_per_epoch)
+
+    def rollout(self, policy=None, *, with_reference: bool = True, grad: bool = False, **kw) -> Trajectory:
+        """A batch of chains from the current backbone (or ``policy``), recording KL to the
+        pretrained chain; gradients flow through the configured window when ``grad``."""
+        with torch.set_grad_enabled(grad):
+            return self.sampler.rollout(
+                policy or self.backbone, self.batch_size, generator=self.generator,
+                event_shape=self.backbone.event_shape, reference=self.reference if with_reference else None,
+                grad_window=self.grad_window if grad else None, checkpoint_steps=self.checkpoint_steps,
+                device=self.device, **kw)
+
+    def score_samples(self, x: Tensor) -> Tensor:
+        return self.reward(self.backbone.decode(x))
+
+    def optimiser_step(self, loss: Tensor, optimiser=None) -> None:
+        opt = optimiser or self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.max_grad_norm is not None:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        opt.step()
+
+    def update(self) -> dict[str, float]:  # pragma: no cover
+        """One iteration; returns scalars to log (``reward``, ``kl_path``, losses, …)."""
+        raise NotImplementedError
+
+    def eval_policy(self):
+        """What the shared evaluation samples from (the fine-tuned backbone)."""
+        return self.backbone
+
+    # --- Lightning plumbing ----------------------------------------------------------------
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Iterations(self.iterations_per_epoch), batch_size=None)
+
+    def training_step(self, batch, batch_idx):
+        self.backbone.train()
+        logs = self.update()
+        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, on_epoch=False,
+                      prog_bar=False, batch_size=self.batch_size)

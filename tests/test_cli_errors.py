@@ -1,0 +1,87 @@
+"""Bad input fails fast with one ``error:`` line naming the key, a non-zero exit code, and
+without touching an existing run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import describe, last_error_line, path_overrides, run_cli_many
+
+SENTINEL_TEXT = "do not touch\n"
+CONFIG_TEXT = "# an earlier run's config\nseed: 123\n"
+
+#: name -> (overrides, words the error line must contain)
+CASES = {
+    "unknown_method": (["method=nope"], ["method", "nope"]),
+    "negative_weight": (["method=dpok", "method.reward_weight=-1"], ["method.reward_weight"]),
+    "zero_temperature": (["method=qlearning", "method.temperature=0"], ["method.temperature"]),
+    "zero_steps": (["sampler.num_steps=0"], ["sampler.num_steps"]),
+    "zero_horizon": (["process.T=0"], ["process.T"]),
+}
+
+#: range checks that only the constructors make (not in validation.RULES); the same happens for
+#: e.g. dataset=gmm1d dataset.stds=[0.5,0.0] (no config overwrite there: the dataset is built first)
+CONSTRUCTOR_CASES = {
+    "zero_minibatches": (["method=ddpo", "method.minibatches=0"], ["minibatches"]),
+}
+
+
+def prepare_existing_run(folder: Path) -> dict[str, tuple[str, int]]:
+    folder.mkdir(parents=True)
+    (folder / "sentinel.txt").write_text(SENTINEL_TEXT)
+    (folder / "config.yaml").write_text(CONFIG_TEXT)
+    return snapshot(folder)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {name: ((folder / name).read_text(), (folder / name).stat().st_mtime_ns)
+            for name in ("sentinel.txt", "config.yaml")}
+
+
+@pytest.fixture(scope="module")
+def failed_runs(tmp_path_factory, swiss_cache):
+    """All bad invocations, run side by side (each costs mostly the interpreter start-up)."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    cases = {**CASES, **CONSTRUCTOR_CASES}
+    before, commands = {}, []
+    for name, (overrides, _) in cases.items():
+        run_dir = root / name
+        before[name] = prepare_existing_run(run_dir)
+        # debug=smoke: should a check be missing, the run stays small instead of taking hours
+        commands.append(["debug=smoke", *overrides, f"hydra.run.dir={run_dir}",
+                         *path_overrides(root, swiss_cache)])
+    results = dict(zip(cases, run_cli_many(commands)))
+    return {name: (results[name], root / name, before[name]) for name in cases}
+
+
+def check_failure(failed_runs, name, cases):
+    proc, run_dir, before = failed_runs[name]
+    words = cases[name][1]
+    assert proc.returncode != 0, describe(proc)
+    line = last_error_line(proc)
+    assert line.startswith("error:"), describe(proc)
+    for word in words:
+        assert word in line, (word, line)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    # the existing run folder is left as it was
+    assert snapshot(run_dir) == before
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_with_one_line_and_leaves_folder_alone(failed_runs, name):
+    check_failure(failed_runs, name, CASES)
+    assert failed_runs[name][0].returncode == 2
+
+
+def test_unknown_option_lists_the_choices(failed_runs):
+    line = last_error_line(failed_runs["unknown_method"][0])
+    for method in ("ddpo", "dpok", "qlearning", "pretrained"):
+        assert method in line
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTOR_CASES))
+def test_constructor_range_checks_fail_with_one_line_and_leave_folder_alone(failed_runs, name):
+    check_failure(failed_runs, name, CONSTRUCTOR_CASES)

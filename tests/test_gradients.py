@@ -1,0 +1,152 @@
+"""Gradients reach exactly the intended parameters: one fine-tuning iteration moves the
+backbone (and the q-learning critic), never the frozen pretrained reference."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from diffusion_rl.backbones.mlp import MLPBackbone
+from diffusion_rl.core.processes import OUProcess
+from diffusion_rl.core.samplers import EulerMaruyama
+from diffusion_rl.data.toy import SwissRoll
+from diffusion_rl.methods.ddpo import DDPO
+from diffusion_rl.methods.dpok import DPOK
+from diffusion_rl.methods.qlearning import QLearning
+from diffusion_rl.rewards.base import BoxIndicator
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*treespec")
+
+COMMON = dict(iterations=1, batch_size=8, lr=1e-2, seed=0, iterations_per_epoch=1)
+
+
+def build(cls, **kw):
+    torch.manual_seed(0)
+    backbone = MLPBackbone(2, hidden=16)
+    sampler = EulerMaruyama(OUProcess(T=1.0), 4)
+    # the box covers about half of where the chains end, so rewards (and advantages) vary
+    reward = BoxIndicator([-100.0, 0.0], [100.0, 100.0])
+    return cls(backbone, sampler, reward, dataset=SwissRoll(noise=1.0, scale=0.1), **{**COMMON, **kw})
+
+
+def build_qlearning(**kw):
+    return build(QLearning, **{"reward_weight": 1.0, "temperature": 0.1, "delta": 1e-4, "data_samples": 32, **kw})
+
+
+def fit_one_iteration(method, tmp_path):
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=1,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(method)
+    return trainer
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, after: dict, prefix: str) -> list[str]:
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return [k for k in keys if not torch.equal(before[k], after[k])]
+
+
+METHODS = {
+    "ddpo": lambda: build(DDPO, minibatches=2),
+    "dpok": lambda: build(DPOK, minibatches=2, kl_weight=1.0, reward_weight=5.0),
+    "qlearning": build_qlearning,
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_one_update_moves_trainable_weights_only(name, tmp_path):
+    method = METHODS[name]()
+    assert all(not p.requires_grad for p in method.reference.parameters())
+    assert all(p.requires_grad for p in method.backbone.parameters())
+    # the reference starts as an exact copy of the backbone
+    ref0 = snapshot(method.reference)
+    assert all(torch.equal(ref0[k], v) for k, v in snapshot(method.backbone).items())
+    before = snapshot(method)
+
+    fit_one_iteration(method, tmp_path)
+    after = snapshot(method)
+
+    assert changed(before, after, "backbone.") == [k for k in before if k.startswith("backbone.")], \
+        "every backbone tensor should move"
+    assert changed(before, after, "reference.") == []
+    assert all(p.grad is None for p in method.reference.parameters())
+    assert all(p.grad is not None for p in method.backbone.parameters())
+    assert all(not p.requires_grad for p in method.reference.parameters())
+    if name == "qlearning":
+        assert changed(before, after, "value.") == [k for k in before if k.startswith("value.")]
+        assert all(p.grad is not None for p in method.value.parameters())
+        assert len(method.trainer.optimizers) == 2
+    else:
+        assert len(method.trainer.optimizers) == 1
+        # the optimiser holds the backbone only
+        opt_params = {id(p) for g in method.trainer.optimizers[0].param_groups for p in g["params"]}
+        assert opt_params == {id(p) for p in method.backbone.parameters()}
+
+
+def test_dpok_without_reward_stays_at_the_reference(tmp_path):
+    """reward_weight = 0 and a backbone equal to the reference: zero advantages and a KL at its
+    minimum, so the gradient (hence Adam's step) is exactly zero."""
+    method = build(DPOK, minibatches=2, kl_weight=1.0, reward_weight=0.0)
+    before = snapshot(method)
+    fit_one_iteration(method, tmp_path)
+    after = snapshot(method)
+    assert changed(before, after, "backbone.") == []
+    for p in method.backbone.parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+
+
+def test_dpok_kl_term_pulls_back_to_the_reference(tmp_path):
+    """With only the KL term and a perturbed backbone, one step reduces the distance to the reference."""
+    method = build(DPOK, minibatches=1, kl_weight=1.0, reward_weight=0.0, lr=1e-3)
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def distance():
+        return sum(((p - q) ** 2).sum().item()
+                   for p, q in zip(method.backbone.parameters(), method.reference.parameters()))
+
+    d0 = distance()
+    fit_one_iteration(method, tmp_path)
+    assert distance() < d0
+
+
+def test_ddpo_advantages_are_normalised():
+    method = build(DDPO)
+    rewards = torch.tensor([0.0, 1.0, 1.0, 3.0])
+    adv = method.advantages(rewards)
+    assert adv.mean().abs().item() < 1e-6
+    assert adv.std().item() == pytest.approx(1.0, rel=1e-5)
+    dpok = build(DPOK, reward_weight=2.0)
+    torch.testing.assert_close(dpok.advantages(rewards), 2.0 * (rewards - rewards.mean()))  # unnormalised
+
+
+@pytest.mark.parametrize("cls, kw, key", [
+    (DDPO, dict(clip_range=0.0), "clip_range"),
+    (DPOK, dict(kl_weight=-1.0), "kl_weight"),
+    (QLearning, dict(reward_weight=1.0, temperature=0.0, delta=1e-4), "temperature"),
+    (QLearning, dict(reward_weight=-1.0, temperature=0.1, delta=1e-4), "reward_weight"),
+    (DDPO, dict(batch_size=0), "batch_size"),
+    (DDPO, dict(lr=0.0), "lr"),
+])
+def test_method_constructors_check_ranges(cls, kw, key):
+    with pytest.raises(ValueError, match=key):
+        build(cls, **kw)
+
+
+def test_ddpo_runs_with_a_stochastic_ddim_sampler(tmp_path):
+    from diffusion_rl.core.samplers import DDIM
+
+    torch.manual_seed(0)
+    method = DDPO(MLPBackbone(2, hidden=16), DDIM(OUProcess(T=1.0), 4, eta=1.0),
+                  BoxIndicator([-100.0, 0.0], [100.0, 100.0]), dataset=SwissRoll(), minibatches=2, **COMMON)
+    assert method.sampler.stochastic
+    before = snapshot(method)
+    fit_one_iteration(method, tmp_path)
+    assert changed(before, snapshot(method), "backbone.")

@@ -1,0 +1,123 @@
+"""Every method end to end through the CLI under ``debug=smoke``: exit code 0 and the run
+folder contract (config.yaml, metrics.json, metrics.csv, samples.npy, last.ckpt)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, describe, path_overrides, run_cli_many
+
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if not p.stem.startswith("_"))
+GMM = ["dataset=gmm1d", "reward=near_six", "backbone.dim=1"]
+
+#: run name -> overrides
+RUNS = {
+    **{m: [f"method={m}"] for m in METHODS},
+    "qlearning-ddim": ["method=qlearning", "sampler=ddim"],
+    "qlearning-ode_euler": ["method=qlearning", "sampler=ode_euler"],
+    "qlearning-gmm1d": ["method=qlearning", *GMM],
+}
+#: smoke evaluation: 2 batches of 32
+N_SAMPLES = 64
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory, swiss_cache):
+    """Runs every configuration once. The pretraining cache is shared, so each pretrained
+    backbone (one per dataset) is trained once: a first wave holds one run per dataset, the
+    rest reuse the cache."""
+    root = tmp_path_factory.mktemp("smoke")
+
+    def command(name):
+        return ["debug=smoke", *RUNS[name], f"hydra.run.dir={root / name}", *path_overrides(root, swiss_cache)]
+
+    first = ["dpok" if "dpok" in RUNS else next(iter(RUNS)), "qlearning-gmm1d"]
+    rest = [n for n in RUNS if n not in first]
+    results = dict(zip(first, run_cli_many([command(n) for n in first])))
+    results.update(zip(rest, run_cli_many([command(n) for n in rest])))
+    return {name: (results[name], root / name) for name in RUNS}, swiss_cache
+
+
+def test_every_method_is_covered():
+    assert {"ddpo", "dpok", "qlearning", "pretrained"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_smoke_run_writes_the_run_contract(smoke_runs, name):
+    runs, _ = smoke_runs
+    proc, run_dir = runs[name]
+    assert proc.returncode == 0, describe(proc)
+    gmm = "gmm1d" in name
+    dim = 1 if gmm else 2
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.method._target_.split(".")[-1].lower() in {"dpok", "ddpo", "qlearning", "pretrained"}
+    assert cfg.sampler.num_steps == 4 and cfg.backbone.dim == dim
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    keys = {"reward_mean", "reward_ci95", "kl_path", "n_samples", "wall_seconds"}
+    if not gmm:
+        keys.add("kl_data")
+    assert keys <= set(metrics), sorted(metrics)
+    assert metrics["n_samples"] == N_SAMPLES
+    for key in keys:
+        assert math.isfinite(metrics[key]), (key, metrics[key])
+    assert metrics["kl_path"] >= 0 and metrics["reward_ci95"] >= 0 and metrics["wall_seconds"] > 0
+    if gmm:
+        assert metrics["reward_mean"] <= 0  # -(x - 6)^2
+    else:
+        assert 0 <= metrics["reward_mean"] <= 1  # box indicator
+
+    samples = np.load(run_dir / "samples.npy")
+    assert samples.shape == (N_SAMPLES, dim) and samples.dtype == np.float32
+    assert np.isfinite(samples).all()
+
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    reference = {k[len("reference."):]: v for k, v in state.items() if k.startswith("reference.")}
+    assert backbone and backbone.keys() == reference.keys()
+    changed = any(not torch.equal(backbone[k], reference[k]) for k in backbone)
+
+    if name == "pretrained":
+        assert not (run_dir / "metrics.csv").exists()  # 0 iterations: no training curve
+        assert not changed
+        assert metrics["kl_path"] == 0.0  # the evaluated policy is the reference
+    else:
+        assert changed, "two fine-tuning iterations left the backbone unchanged"
+        assert metrics["kl_path"] > 0
+        with open(run_dir / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        reward_col = [r["train/reward"] for r in rows if r.get("train/reward")]
+        assert len(reward_col) == cfg.method.iterations == 2
+        assert "generator_state" in ckpt  # resumable
+    if name.startswith("qlearning"):
+        assert any(k.startswith("value.") for k in state)
+
+
+def test_pretraining_ran_once_per_dataset(smoke_runs):
+    runs, cache = smoke_runs
+    assert all(proc.returncode == 0 for proc, _ in runs.values())
+    folders = sorted((cache / "pretrain").iterdir())
+    datasets = {OmegaConf.load(f / "config.yaml").dataset._target_.split(".")[-1] for f in folders}
+    assert datasets == {"SwissRoll", "GaussianMixture1D"}
+    assert len(folders) == 2 and all((f / "backbone.pt").exists() for f in folders)
+
+
+def test_same_pretrained_backbone_for_every_swiss_roll_run(smoke_runs):
+    runs, _ = smoke_runs
+    refs = []
+    for name, (proc, run_dir) in runs.items():
+        if "gmm1d" in name:
+            continue
+        state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        refs.append({k: v for k, v in state.items() if k.startswith("reference.")})
+    for other in refs[1:]:
+        assert all(torch.equal(other[k], refs[0][k]) for k in refs[0])
