@@ -127,6 +127,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 os.replace(curves, earlier)
         trainer = build_trainer(cfg, run_dir, method.epochs, build_loggers(cfg, run_dir), checkpoint=True)
         trainer.fit(method, ckpt_path=str(last) if last.exists() else None)
+        if not trainer.is_global_zero:  # under DDP, rank 0 alone evaluates and writes
+            return {}
         if earlier.exists():
             _prepend_csv(earlier, curves)
         device = trainer.strategy.root_device

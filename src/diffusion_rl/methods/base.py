@@ -63,7 +63,8 @@ class FineTuneMethod(L.LightningModule):
     @property
     def generator(self) -> torch.Generator:
         if self._generator is None:
-            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+            # offset by rank: under DDP every process must simulate different chains
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
             if self._pending_generator_state is not None:
                 self._generator.set_state(self._pending_generator_state)
         return self._generator
