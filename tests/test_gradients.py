@@ -14,19 +14,20 @@ from diffusion_rl.data.toy import SwissRoll
 from diffusion_rl.methods.ddpo import DDPO
 from diffusion_rl.methods.dpok import DPOK
 from diffusion_rl.methods.qlearning import QLearning
-from diffusion_rl.rewards.base import BoxIndicator
+from diffusion_rl.methods.reward_backprop import RewardBackprop
+from diffusion_rl.rewards.base import BoxIndicator, QuadraticTarget
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*treespec")
 
 COMMON = dict(iterations=1, batch_size=8, lr=1e-2, seed=0, iterations_per_epoch=1)
 
 
-def build(cls, **kw):
+def build(cls, reward=None, **kw):
     torch.manual_seed(0)
     backbone = MLPBackbone(2, hidden=16)
     sampler = EulerMaruyama(OUProcess(T=1.0), 4)
     # the box covers about half of where the chains end, so rewards (and advantages) vary
-    reward = BoxIndicator([-100.0, 0.0], [100.0, 100.0])
+    reward = reward or BoxIndicator([-100.0, 0.0], [100.0, 100.0])
     return cls(backbone, sampler, reward, dataset=SwissRoll(noise=1.0, scale=0.1), **{**COMMON, **kw})
 
 
@@ -56,6 +57,8 @@ METHODS = {
     "ddpo": lambda: build(DDPO, minibatches=2),
     "dpok": lambda: build(DPOK, minibatches=2, kl_weight=1.0, reward_weight=5.0),
     "qlearning": build_qlearning,
+    "reward_backprop": lambda: build(RewardBackprop, reward=QuadraticTarget([1.0, 1.0]), kl_weight=1.0,
+                                     grad_window={"kind": "all"}),
 }
 
 
@@ -150,3 +153,8 @@ def test_ddpo_runs_with_a_stochastic_ddim_sampler(tmp_path):
     before = snapshot(method)
     fit_one_iteration(method, tmp_path)
     assert changed(before, snapshot(method), "backbone.")
+
+
+def test_reward_backprop_rejects_a_non_differentiable_reward():
+    with pytest.raises(ValueError, match="differentiable"):
+        build(RewardBackprop, grad_window={"kind": "all"})

@@ -17,9 +17,12 @@ from conftest import CONF_DIR, describe, path_overrides, run_cli_many
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if not p.stem.startswith("_"))
 GMM = ["dataset=gmm1d", "reward=near_six", "backbone.dim=1"]
 
+#: methods that backpropagate the reward: they need a differentiable one (the 1-D example's)
+BACKPROP = {"reward_backprop", "nokl", "truncation", "random_k"}
+
 #: run name -> overrides
 RUNS = {
-    **{m: [f"method={m}"] for m in METHODS},
+    **{m: [f"method={m}", *(GMM if m in BACKPROP else [])] for m in METHODS},
     "qlearning-ddim": ["method=qlearning", "sampler=ddim"],
     "qlearning-ode_euler": ["method=qlearning", "sampler=ode_euler"],
     "qlearning-gmm1d": ["method=qlearning", *GMM],
@@ -46,7 +49,7 @@ def smoke_runs(tmp_path_factory, swiss_cache):
 
 
 def test_every_method_is_covered():
-    assert {"ddpo", "dpok", "qlearning", "pretrained"} <= set(METHODS)
+    assert {"ddpo", "dpok", "qlearning", "pretrained", "nokl", "truncation", "random_k"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -54,11 +57,11 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, name):
     runs, _ = smoke_runs
     proc, run_dir = runs[name]
     assert proc.returncode == 0, describe(proc)
-    gmm = "gmm1d" in name
+    gmm = "gmm1d" in name or name in BACKPROP
     dim = 1 if gmm else 2
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    assert cfg.method._target_.split(".")[-1].lower() in {"dpok", "ddpo", "qlearning", "pretrained"}
+    assert cfg.method._target_.split(".")[-1].lower() in {"dpok", "ddpo", "qlearning", "pretrained", "rewardbackprop"}
     assert cfg.sampler.num_steps == 4 and cfg.backbone.dim == dim
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -115,7 +118,7 @@ def test_same_pretrained_backbone_for_every_swiss_roll_run(smoke_runs):
     runs, _ = smoke_runs
     refs = []
     for name, (proc, run_dir) in runs.items():
-        if "gmm1d" in name:
+        if "gmm1d" in name or name in BACKPROP:
             continue
         state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
         refs.append({k: v for k, v in state.items() if k.startswith("reference.")})
