@@ -57,7 +57,7 @@ def calibration_section(cfg: DictConfig, cache: dict[str, list[Run]]) -> list[st
         if not keys:
             continue
         runs = cache.get(group) or collect_runs(cfg, group)
-        lines += [f"## Calibration runs: {group}", "", "| " + " | ".join(keys) + " | reward | KL(data) | path KL | seconds |",
+        lines += [f"## All runs of group {group}", "", "| " + " | ".join(keys) + " | reward | KL(data) | path KL | seconds |",
                   "|" + "---|" * (len(keys) + 4)]
         for run in sorted(runs, key=lambda r: [OmegaConf.select(r.config, k) for k in keys]):
             vals = [_show(OmegaConf.select(run.config, k)) for k in keys]
