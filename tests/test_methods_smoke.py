@@ -26,6 +26,8 @@ RUNS = {
     "qlearning-ddim": ["method=qlearning", "sampler=ddim"],
     "qlearning-ode_euler": ["method=qlearning", "sampler=ode_euler"],
     "qlearning-gmm1d": ["method=qlearning", *GMM],
+    # a bridge-matching pretrained backbone (drift-parametrised) under a policy-gradient method
+    "dpok-bridge": ["method=dpok", "process=brownian_bridge", "pretrain=bridge_matching"],
 }
 #: smoke evaluation: 2 batches of 32
 N_SAMPLES = 64
@@ -111,14 +113,17 @@ def test_pretraining_ran_once_per_dataset(smoke_runs):
     folders = sorted((cache / "pretrain").iterdir())
     datasets = {OmegaConf.load(f / "config.yaml").dataset._target_.split(".")[-1] for f in folders}
     assert datasets == {"SwissRoll", "GaussianMixture1D"}
-    assert len(folders) == 2 and all((f / "backbone.pt").exists() for f in folders)
+    pretrainers = {OmegaConf.load(f / "config.yaml").pretrain._target_.split(".")[-1] for f in folders}
+    assert pretrainers == {"ScoreMatching", "BridgeMatching"}
+    # one per (dataset, pretraining): swiss roll DSM, swiss roll bridge, 1-D DSM
+    assert len(folders) == 3 and all((f / "backbone.pt").exists() for f in folders)
 
 
 def test_same_pretrained_backbone_for_every_swiss_roll_run(smoke_runs):
     runs, _ = smoke_runs
     refs = []
     for name, (proc, run_dir) in runs.items():
-        if "gmm1d" in name or name in BACKPROP:
+        if "gmm1d" in name or name in BACKPROP or "bridge" in name:
             continue
         state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
         refs.append({k: v for k, v in state.items() if k.startswith("reference.")})
