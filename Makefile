@@ -7,7 +7,8 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 TABLE := $(PY) scripts/make_table.py
 
-TABLES := qlearning_table3 qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3
+TABLES := qlearning_table3 qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3 \
+          elegant_table1 elegant_table2 elegant_table3 elegant_fig2
 
 .PHONY: help setup test demo report dashboard bench clean $(TABLES)
 
@@ -42,13 +43,22 @@ qlearning_fig1: setup  ## Figure 1: 1-D densities for beta = 0, 0.1, 1 with the 
 qlearning_fig3: setup  ## Figure 3: Swiss-roll samples for a beta sweep (PNG)
 	$(TABLE) $@
 
+elegant_table1: setup  ## ELEGANT Table 1: TFBind8 Guidance / PPO+KL / ELEGANT (3 seeds) + exact optimum rows
+	$(TABLE) $@
+elegant_table2: setup  ## ELEGANT Table 2: GFP proxy, same methods, reduced CPU budget (GPU budget in the YAML)
+	$(TABLE) $@
+elegant_table3: setup  ## ELEGANT Table 3: TFBind8 r_hat vs genuine r, 6 methods x 3 seeds (shares Table 1's runs)
+	$(TABLE) $@
+elegant_fig2: setup  ## ELEGANT Figure 2: r_hat histograms of ELEGANT for alpha in {0.005 .. 0.1} + pretrained (PNG)
+	$(TABLE) $@
+
 report: setup  ## Rebuild every report from the finished runs, without running anything
 	for t in $(TABLES); do $(TABLE) $$t --report-only > /dev/null && echo "outputs/report/$$t"; done
 
 dashboard: setup  ## TensorBoard over outputs/ on http://127.0.0.1:6006
 	$(PY) -m tensorboard.main --logdir outputs --host 127.0.0.1 --port 6006
 
-bench: setup  ## Benchmarks -> outputs/bench/*.json (full Table 3 + 4 wall time; chain backprop memory)
+bench: setup  ## Benchmarks -> outputs/bench/*.json (q-learning Tables 3+4 and ELEGANT Table 3 wall time; chain memory; GFP diversity speed)
 	$(PY) scripts/bench.py
 
 clean:  ## Remove runs, caches and reports (keeps .venv)

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py [--only chain_memory|tables]`` → ``outputs/bench/*.json``.
+"""Benchmarks: ``python scripts/bench.py [--only chain_memory|tables|diversity|elegant_table3]`` → ``outputs/bench/*.json``.
 
 * ``chain_memory``: memory and time of backpropagating a reward through a 5- vs 50-step
   Euler–Maruyama chain, with and without per-step gradient checkpointing. Memory is the
@@ -9,6 +9,12 @@
   checkpoint keeps, its input state ``[B, d]``, is small.)
 * ``tables``: wall time of the full ``qlearning_table3`` and ``qlearning_table4`` runs from
   empty run and cache folders (about 20 minutes on 2 cores).
+* ``diversity``: seconds to compute ELEGANT's Div (mean pairwise Levenshtein distance, rapidfuzz)
+  of 1,000 GFP sequences (237 aa): rows of the GFP proxy table and uniformly random proteins
+  (goal: <= 5 s).
+* ``elegant_table3``: wall time of ``elegant_table3`` (6 methods x 3 seeds + pretrained) from an
+  empty run folder with the pretrained model and the oracles already cached (goal: <= 30 min
+  on the CPU); the caches are filled first, untimed.
 """
 
 from __future__ import annotations
@@ -136,9 +142,47 @@ def tables_wall_time() -> dict:
             "ok": all(t["returncode"] == 0 for t in tables.values())}
 
 
+# --- (c) diversity of 1,000 GFP sequences ---------------------------------------------------------
+def diversity_speed(n: int = 1000, repeats: int = 3) -> dict:
+    from diffusion_rl.data.gfp import GFP_ALPHABET, load_gfp
+    from diffusion_rl.evaluation.diversity import mean_pairwise_levenshtein
+
+    data = load_gfp(ROOT.parent / "shared" / "data" / "gfp")
+    g = torch.Generator().manual_seed(0)
+    sets = {"gfp_rows": data.tokens[torch.randperm(len(data), generator=g)[:n]],
+            "uniform_random": torch.randint(0, len(GFP_ALPHABET), (n, data.length), generator=g)}
+    out = {}
+    for name, tokens in sets.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            div = mean_pairwise_levenshtein(tokens)
+            times.append(time.perf_counter() - start)
+        out[name] = {"n": n, "length": data.length, "diversity": div, "seconds_best": min(times), "seconds_all": times}
+    return {**environment(torch.device("cpu")), "threads": "rapidfuzz workers=-1 (all cores)", "sets": out,
+            "ok": all(v["seconds_best"] <= 5.0 for v in out.values())}
+
+
+# --- (d) ELEGANT Table 3 wall time ----------------------------------------------------------------
+def elegant_table3_wall_time() -> dict:
+    bench = Path("outputs/bench")
+    shutil.rmtree(ROOT / bench / "elegant_runs", ignore_errors=True)
+    # fill the caches (pretrained backbone, r_hat), untimed: the goal assumes them cached
+    warm = subprocess.run([sys.executable, "-m", "diffusion_rl", "experiment=elegant_table3", "method=pretrained",
+                           f"hydra.run.dir={bench / 'elegant_warmup'}", "logger=csv"], cwd=ROOT)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "scripts/make_table.py", "elegant_table3",
+                           f"paths.runs_dir={bench / 'elegant_runs'}", f"paths.report_dir={bench / 'report'}"], cwd=ROOT)
+    seconds = time.perf_counter() - start
+    return {**environment(torch.device("cpu")), "seconds": seconds, "minutes": seconds / 60,
+            "returncode": proc.returncode, "warmup_returncode": warm.returncode,
+            "ok": proc.returncode == 0 and seconds <= 30 * 60}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("chain_memory", "tables"), help="run one part (default: both)")
+    parser.add_argument("--only", choices=("chain_memory", "tables", "diversity", "elegant_table3"),
+                        help="run one part (default: all)")
     parser.add_argument("--batch", type=int, default=2048, help="chains per rollout (chain_memory)")
     parser.add_argument("--hidden", type=int, default=1024, help="MLP width (chain_memory)")
     args = parser.parse_args()
@@ -161,6 +205,19 @@ def main() -> int:
         for name, t in res["tables"].items():
             summary.append(f"  {name}: {t['seconds']:.0f} s" + ("" if t["returncode"] == 0 else f" (FAILED, rc {t['returncode']})"))
         summary.append(f"  total: {res['total_seconds']:.0f} s")
+    if args.only in (None, "diversity"):
+        res = diversity_speed()
+        path = write_json("diversity_speed", res)
+        ok = ok and res["ok"]
+        summary.append(f"diversity of 1,000 GFP sequences -> {path}")
+        for name, r in res["sets"].items():
+            summary.append(f"  {name}: Div {r['diversity']:.2f} in {r['seconds_best']:.2f} s (goal <= 5 s)")
+    if args.only in (None, "elegant_table3"):
+        res = elegant_table3_wall_time()
+        path = write_json("elegant_table3_wall_time", res)
+        ok = ok and res["ok"]
+        summary.append(f"elegant_table3 (caches warm) -> {path}: {res['minutes']:.1f} min (goal <= 30 min)"
+                       + ("" if res["returncode"] == 0 else f" (FAILED, rc {res['returncode']})"))
     print("\n".join(summary))
     return 0 if ok else 1
 

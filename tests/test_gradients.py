@@ -13,6 +13,9 @@ from diffusion_rl.core.samplers import EulerMaruyama
 from diffusion_rl.data.toy import SwissRoll
 from diffusion_rl.methods.ddpo import DDPO
 from diffusion_rl.methods.dpok import DPOK
+from diffusion_rl.methods.elegant import ELEGANT
+from diffusion_rl.methods.guidance import Guidance
+from diffusion_rl.methods.ppo_kl import PPOKL
 from diffusion_rl.methods.qlearning import QLearning
 from diffusion_rl.methods.reward_backprop import RewardBackprop
 from diffusion_rl.rewards.base import BoxIndicator, QuadraticTarget
@@ -57,6 +60,7 @@ METHODS = {
     "ddpo": lambda: build(DDPO, minibatches=2),
     "dpok": lambda: build(DPOK, minibatches=2, kl_weight=1.0, reward_weight=5.0),
     "qlearning": build_qlearning,
+    "ppo_kl": lambda: build(PPOKL, minibatches=2, kl_weight=0.1),
     "reward_backprop": lambda: build(RewardBackprop, reward=QuadraticTarget([1.0, 1.0]), kl_weight=1.0,
                                      grad_window={"kind": "all"}),
 }
@@ -123,11 +127,11 @@ def test_dpok_kl_term_pulls_back_to_the_reference(tmp_path):
 def test_ddpo_advantages_are_normalised():
     method = build(DDPO)
     rewards = torch.tensor([0.0, 1.0, 1.0, 3.0])
-    adv = method.advantages(rewards)
+    adv = method.advantages(rewards, None)
     assert adv.mean().abs().item() < 1e-6
     assert adv.std().item() == pytest.approx(1.0, rel=1e-5)
     dpok = build(DPOK, reward_weight=2.0)
-    torch.testing.assert_close(dpok.advantages(rewards), 2.0 * (rewards - rewards.mean()))  # unnormalised
+    torch.testing.assert_close(dpok.advantages(rewards, None), 2.0 * (rewards - rewards.mean()))  # unnormalised
 
 
 @pytest.mark.parametrize("cls, kw, key", [
@@ -158,3 +162,56 @@ def test_ddpo_runs_with_a_stochastic_ddim_sampler(tmp_path):
 def test_reward_backprop_rejects_a_non_differentiable_reward():
     with pytest.raises(ValueError, match="differentiable"):
         build(RewardBackprop, grad_window={"kind": "all"})
+
+
+def test_ppo_kl_advantages_are_kl_returns_to_go():
+    """Step k's return is r - kl_weight * (KL_k + ... + KL_{K-1}), centred over the batch per step."""
+    from types import SimpleNamespace
+
+    method = build(PPOKL, kl_weight=1.0, normalize_advantages=False)
+    traj = SimpleNamespace(kl=torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # [K=2, B=2]
+    adv = method.advantages(torch.tensor([0.0, 0.0]), traj)
+    # returns-to-go: [[-4, -6], [-3, -4]], centred per step
+    torch.testing.assert_close(adv, torch.tensor([[1.0, -1.0], [0.5, -0.5]]))
+    adv = build(PPOKL, kl_weight=0.0, normalize_advantages=False).advantages(torch.tensor([1.0, 3.0]), traj)
+    torch.testing.assert_close(adv, torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))  # DDPO's, at every step
+
+
+def test_elegant_stages_train_their_own_networks_only(tmp_path):
+    """Stage 1 moves the value net, stage 2 the initial-distribution control, stage 3 the
+    backbone; the pretrained reference never moves and never gets a gradient."""
+    method = build(ELEGANT, reward=QuadraticTarget([1.0, 1.0]), kl_weight=0.5, iterations=3, value_fraction=0.2,
+                   initial_fraction=0.2, initial_steps=3)
+    assert method.phase_ends == (1, 2, 3)
+    prefixes = ("backbone.", "value_net.", "initial_control.", "reference.")
+    expected = {"value": "value_net.", "initial": "initial_control.", "drift": "backbone."}
+    for stage in ("value", "initial", "drift"):
+        assert method.phase == stage
+        before = snapshot(method)
+        fit_one_iteration(method, tmp_path)
+        after = snapshot(method)
+        moved = {p for p in prefixes if changed(before, after, p)}
+        assert moved == {expected[stage]}, (stage, moved)
+        assert all(p.grad is None for p in method.reference.parameters())
+    assert int(method.iteration) == 3
+
+
+def test_elegant_initial_chain_starts_at_the_stationary_reference():
+    """Before stage 2 the control's gain is 0: the initial chain is the N(0, I)-preserving SDE,
+    its path KL is 0 and its samples keep unit variance."""
+    method = build(ELEGANT, reward=QuadraticTarget([1.0, 1.0]), kl_weight=0.5, iterations=10, initial_steps=20)
+    traj = method.initial_rollout(4000, torch.Generator().manual_seed(0))
+    assert traj.path_kl().abs().max().item() == 0.0
+    var = traj.final.var(0)
+    prior_var = method.initial_sampler.process.std ** 2
+    assert torch.allclose(var, torch.full_like(var, prior_var), rtol=0.08)
+
+
+def test_guidance_trains_the_classifier_only(tmp_path):
+    method = build(Guidance, guidance_scale=1.0, top_fraction=0.5, label_pool=256)
+    before = snapshot(method)
+    fit_one_iteration(method, tmp_path)
+    after = snapshot(method)
+    assert changed(before, after, "backbone.") == [] and changed(before, after, "reference.") == []
+    assert changed(before, after, "classifier.")
+    assert all(p.grad is None for p in method.backbone.parameters())

@@ -18,7 +18,7 @@ METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if not p.s
 GMM = ["dataset=gmm1d", "reward=near_six", "backbone.dim=1"]
 
 #: methods that backpropagate the reward: they need a differentiable one (the 1-D example's)
-BACKPROP = {"reward_backprop", "nokl", "truncation", "random_k"}
+BACKPROP = {"reward_backprop", "nokl", "truncation", "random_k", "elegant"}
 
 #: run name -> overrides
 RUNS = {
@@ -63,7 +63,8 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, name):
     dim = 1 if gmm else 2
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    assert cfg.method._target_.split(".")[-1].lower() in {"dpok", "ddpo", "qlearning", "pretrained", "rewardbackprop"}
+    assert cfg.method._target_.split(".")[-1].lower() in {"dpok", "ddpo", "qlearning", "pretrained", "rewardbackprop",
+                                                          "elegant", "ppokl", "guidance"}
     assert cfg.sampler.num_steps == 4 and cfg.backbone.dim == dim
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -96,13 +97,19 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, name):
         assert not changed
         assert metrics["kl_path"] == 0.0  # the evaluated policy is the reference
     else:
-        assert changed, "two fine-tuning iterations left the backbone unchanged"
+        # guidance trains a classifier and leaves the score network as it was
+        assert changed != (name == "guidance"), "fine-tuning left the backbone unchanged (or guidance changed it)"
         assert metrics["kl_path"] > 0
         with open(run_dir / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
-        reward_col = [r["train/reward"] for r in rows if r.get("train/reward")]
-        assert len(reward_col) == cfg.method.iterations == 2
+        logged_steps = {r["step"] for r in rows if any(v for k, v in r.items() if k.startswith("train/"))}
+        assert len(logged_steps) == cfg.method.iterations == 3
         assert "generator_state" in ckpt  # resumable
+    if name == "guidance":
+        assert any(k.startswith("classifier.") for k in state)
+    if name == "elegant":
+        assert any(k.startswith("value_net.") for k in state) and any(k.startswith("initial_control.") for k in state)
+        assert metrics["kl_div"] == pytest.approx(metrics["kl_path"] + metrics["kl_init"])
     if name.startswith("qlearning"):
         assert any(k.startswith("value.") for k in state)
 

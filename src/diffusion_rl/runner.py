@@ -2,12 +2,14 @@
 
 Run outputs contract (read by ``scripts/make_table.py`` and other tools), all in ``run_dir``:
 ``config.yaml`` (composed config), ``metrics.json`` (flat final numbers), ``metrics.csv``
-(curves, Lightning CSV logger), ``samples.npy`` (final evaluation samples), ``last.ckpt``.
+(curves, Lightning CSV logger), ``samples.npy`` (final evaluation samples; decoded tokens
+``[N, L]`` for sequences), ``rewards.npy`` (their nominal rewards ``[N]``), ``last.ckpt``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -67,6 +69,13 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
     return backbone
 
 
+def build_reward(cfg: DictConfig, dataset):
+    """The nominal reward. Rewards learned from the data (oracles) are declared
+    ``_partial_: true`` in their YAML and receive the dataset here."""
+    reward = instantiate(cfg.reward)
+    return reward(dataset=dataset) if isinstance(reward, functools.partial) else reward
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     for name, spec in (cfg.logger or {}).items():
@@ -106,7 +115,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     dataset = instantiate(cfg.dataset)  # cheap constructors first: their range checks fail before any write
     process = instantiate(cfg.process)
     sampler = instantiate(cfg.sampler, process=process)
-    reward = instantiate(cfg.reward)
+    reward = build_reward(cfg, dataset)  # an oracle is fitted (or loaded) here, into the cache
     backbone = pretrained_backbone(cfg, dataset, process)  # writes only to the cache
     method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)  # every constructor has checked its input by now
@@ -139,13 +148,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     method.to(device).eval()
     eval_cfg = EvalConfig(**cfg.eval.metrics)
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
-    metrics, samples = evaluate(method.eval_policy(), sampler, reward.to(device), eval_cfg,
-                                event_shape=backbone.event_shape, generator=generator,
-                                reference=method.reference, data=dataset, device=device)
+    true_reward = dataset.true_reward() if hasattr(dataset, "true_reward") else None
+    metrics, samples, rewards = evaluate(
+        method.eval_policy(), sampler, reward.to(device), eval_cfg, event_shape=backbone.event_shape,
+        generator=generator, reference=method.reference, data=dataset, decode=method.decode,
+        true_reward=None if true_reward is None else true_reward.to(device), initial=method.eval_initial(),
+        device=device)
+    for name, r in (("oracle", reward), ("true_oracle", true_reward)):
+        for key, value in (getattr(r, "summary", None) or {}).items():
+            if key.endswith("r2"):
+                metrics[f"{name}_{key}"] = value  # how far r_hat (and a proxy r) can be trusted
     metrics["wall_seconds"] = time.time() - start
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics
         metrics[key] = OmegaConf.select(cfg, key)
-    np.save(run_dir / "samples.npy", samples.cpu().numpy().astype(np.float32))
+    samples = samples.cpu().numpy()
+    np.save(run_dir / "samples.npy", samples.astype(np.float32 if samples.dtype.kind == "f" else np.int64))
+    np.save(run_dir / "rewards.npy", rewards.cpu().numpy().astype(np.float32))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # last: marks the run finished
     log.info("metrics: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     return metrics

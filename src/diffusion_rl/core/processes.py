@@ -105,6 +105,27 @@ class OUProcess(ForwardProcess):
         return alpha, var.clamp_min(0).sqrt()
 
 
+class StationaryOUProcess(OUProcess):
+    """``dx = -x/2 ds + std dW`` started at its stationary law ``N(0, std^2 I)``: the reference SDE
+    of ELEGANT's initial-distribution problem (§6), whose marginal stays ``N(0, std^2 I)`` on
+    the whole interval ``[-T0, 0]``. It is its own time reversal, so the score-parametrised
+    reverse drift with the exact stationary score ``-x / std^2`` gives back ``-x/2``; a control
+    ``u`` enters as ``score = -x / std^2 + u / std^2``.
+    """
+
+    def __init__(self, T: float = 1.0, std: float = 1.0):
+        if std <= 0:
+            raise ValueError(f"initial process std must be > 0 (got {std})")
+        super().__init__(T=T, theta=0.5, sigma=std)
+        self.std = float(std)
+
+    def prior_sample(self, shape, generator=None, device="cpu") -> Tensor:
+        return self.std * torch.randn(shape, generator=generator, device=device)
+
+    def stationary_score(self, x: Tensor) -> Tensor:
+        return -x / self.std**2
+
+
 class VPProcess(ForwardProcess):
     """Variance-preserving SDE with linear ``beta(s) = beta_min + s (beta_max - beta_min)`` on [0, 1]
     (Song et al. 2021): ``dx = -beta/2 x ds + sqrt(beta) dW``."""

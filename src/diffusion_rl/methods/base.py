@@ -19,6 +19,7 @@ from torch import Tensor
 from ..backbones.base import Backbone
 from ..core.samplers import GradWindow, Sampler
 from ..core.trajectory import Trajectory
+from ..evaluation.diversity import mean_pairwise_levenshtein
 from ..rewards.base import Reward
 
 
@@ -56,6 +57,10 @@ class FineTuneMethod(L.LightningModule):
         self.checkpoint_steps = checkpoint_steps
         self.max_grad_norm = max_grad_norm
         self.seed = seed
+        # sequences decode through their task (GFP states are differences from the wild type)
+        self.decode = getattr(dataset, "decode", None) or backbone.decode
+        self._true_reward = dataset.true_reward() if hasattr(dataset, "true_reward") else None
+        self._last_final: Tensor | None = None
         self._generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None
 
@@ -85,14 +90,28 @@ class FineTuneMethod(L.LightningModule):
         """A batch of chains from the current backbone (or ``policy``), recording KL to the
         pretrained chain; gradients flow through the configured window when ``grad``."""
         with torch.set_grad_enabled(grad):
-            return self.sampler.rollout(
+            traj = self.sampler.rollout(
                 policy or self.backbone, self.batch_size, generator=self.generator,
                 event_shape=self.backbone.event_shape, reference=self.reference if with_reference else None,
                 grad_window=self.grad_window if grad else None, checkpoint_steps=self.checkpoint_steps,
                 device=self.device, **kw)
+        self._last_final = traj.final.detach()
+        return traj
 
     def score_samples(self, x: Tensor) -> Tensor:
-        return self.reward(self.backbone.decode(x))
+        return self.reward(self.decode(x))
+
+    @torch.no_grad()
+    def sample_stats(self, final: Tensor) -> dict[str, float]:
+        """Curves beside the method's own logs, from the iteration's last rollout: the
+        genuine reward where known and, for sequences, the batch's Levenshtein diversity."""
+        decoded = self.decode(final)
+        stats = {}
+        if self._true_reward is not None:
+            stats["reward_true"] = float(self._true_reward.to(final.device)(decoded).mean())
+        if not decoded.is_floating_point() and decoded.dim() == 2:
+            stats["diversity"] = mean_pairwise_levenshtein(decoded, workers=1)
+        return stats
 
     def optimiser_step(self, loss: Tensor, optimiser=None) -> None:
         opt = optimiser or self.optimizers()
@@ -111,6 +130,11 @@ class FineTuneMethod(L.LightningModule):
         """What the shared evaluation samples from (the fine-tuned backbone)."""
         return self.backbone
 
+    def eval_initial(self):
+        """``initial(n, generator) -> (x_init, kl [n])`` when the method learns the chain's
+        initial distribution (ELEGANT); ``None``: the process's prior."""
+        return None
+
     # --- Lightning plumbing ----------------------------------------------------------------
     def configure_optimizers(self):
         return torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr)
@@ -120,6 +144,9 @@ class FineTuneMethod(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.backbone.train()
+        self._last_final = None
         logs = self.update()
+        if self._last_final is not None:
+            logs.update(self.sample_stats(self._last_final))
         self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, on_epoch=False,
                       prog_bar=False, batch_size=self.batch_size)

@@ -24,8 +24,9 @@ class DDPO(FineTuneMethod):
         self.clip_range, self.minibatches = clip_range, minibatches
         self.normalize_advantages, self.reward_weight = normalize_advantages, reward_weight
 
-    def advantages(self, rewards: Tensor) -> Tensor:
-        """Batch-mean baseline; DDPO also divides by the std (a scale-free update)."""
+    def advantages(self, rewards: Tensor, traj: Trajectory) -> Tensor:
+        """``[B]`` (one advantage per chain) or ``[K, B]`` (per step). Batch-mean baseline;
+        DDPO also divides by the std (a scale-free update)."""
         adv = self.reward_weight * (rewards - rewards.mean())
         if self.normalize_advantages:
             adv = adv / (rewards.std() + 1e-8)
@@ -41,7 +42,7 @@ class DDPO(FineTuneMethod):
     def update(self) -> dict[str, float]:
         traj = self.rollout()
         rewards = self.score_samples(traj.final)
-        adv = self.advantages(rewards)
+        adv = self.advantages(rewards, traj)
         old_logp = traj.log_probs().detach()
         self.prepare(traj)
         perm = torch.randperm(self.batch_size, generator=self.generator, device=self.device)
@@ -50,7 +51,7 @@ class DDPO(FineTuneMethod):
             sub = _select(traj, idx)
             means = self.sampler.recompute_means(self.backbone, sub)
             ratio = torch.exp(sub.log_probs(means) - old_logp[:, idx])  # [K, b]
-            a = adv[idx].unsqueeze(0)
+            a = adv[..., idx] if adv.dim() == 2 else adv[idx].unsqueeze(0)
             # summed over steps: the chain's log-likelihood is the sum of its steps' (this keeps
             # the reward term on the same scale as DPOK's summed per-step KL)
             surrogate = torch.minimum(ratio * a, ratio.clamp(1 - self.clip_range, 1 + self.clip_range) * a)

@@ -27,12 +27,17 @@ class RewardBackprop(FineTuneMethod):
         self.reward_weight, self.kl_weight = reward_weight, kl_weight
 
     def update(self) -> dict[str, float]:
-        traj = self.rollout(grad=True)
+        return self.backprop_step()
+
+    def backprop_step(self, x_init=None, optimiser=None) -> dict[str, float]:
+        """One gradient step on ``reward_weight r(x_K) - kl_weight path KL`` from ``x_init``
+        (default: the process's prior)."""
+        traj = self.rollout(grad=True, x_init=x_init)
         # the reward reads the final *state* (relaxed one-hot for sequences), not a decoded
         # sample, so its gradient reaches the chain
         rewards = self.reward(traj.final)
         kl = traj.path_kl()
         loss = -(self.reward_weight * rewards).mean() + self.kl_weight * kl.mean()
-        self.optimiser_step(loss)
+        self.optimiser_step(loss, optimiser)
         return {"loss": loss.detach(), "reward": rewards.detach().mean(), "kl_path": kl.detach().mean(),
                 "grad_steps": traj.num_steps - traj.grad_start}

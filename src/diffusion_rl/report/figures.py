@@ -10,6 +10,18 @@ The group's runs are sorted by the ``by`` config value and drawn from their ``sa
 * ``density1d``: one axes, a Gaussian KDE (Scott's bandwidth) per run and the exact data
   density ``exp(dataset.log_prob(x))`` dashed (a KDE of data draws if there is none);
 * ``scatter2d``: a panel of fresh data draws, then one panel per run.
+
+``histogram`` (ELEGANT Fig. 2) reads each run's ``rewards.npy`` (the nominal reward of its
+evaluation samples) instead::
+
+    figure: {kind: histogram, group: elegant, by: method.kl_weight, by_label: α,
+             extra_groups: [pretrained], bins: 40, seeds: first, layout: overlay}
+
+one histogram (density) per value of ``by`` (label ``α = 0.005``) and per extra group (labelled
+by its name), overlaid on one axes (``layout: panels``: one panel each). Several seeds of one
+value: ``seeds: first`` (default) draws the lowest seed with ``rewards.npy`` (seed 0), ``seeds: pool``
+pools all seeds' rewards. The page lists every run (each seed) with ``columns`` (default
+r̂, r (true), Div, KL-Div).
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from matplotlib.figure import Figure  # the object API renders with Agg: no pypl
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import gaussian_kde
 
-from .experiments import Run, collect_runs
+from .experiments import Run, collect_runs, values_match
 
 
 def _fmt(metrics: dict, key: str) -> str:
@@ -78,12 +90,138 @@ def _scatter2d(runs: list[tuple[str, Run, np.ndarray]], dataset, data: np.ndarra
 
 DRAW = {"density1d": _density1d, "scatter2d": _scatter2d}
 
+HISTOGRAM_COLUMNS = {"reward_mean": "r̂ (nominal)", "reward_true_mean": "r (true)", "diversity": "Div",
+                     "kl_div": "KL-Div"}
+
+
+def _seed(run: Run):
+    return OmegaConf.select(run.config, "seed")
+
+
+def _by_value_cells(runs: list[Run], by: str | None) -> list[tuple[object, list[Run]]]:
+    """Runs grouped by their ``by`` value (sorted; numbers compared with tolerance), seeds sorted."""
+    cells: list[tuple[object, list[Run]]] = []
+    for run in runs:
+        value = OmegaConf.select(run.config, by) if by else None
+        for v, members in cells:
+            if values_match(v, value):
+                members.append(run)
+                break
+        else:
+            cells.append((value, [run]))
+    cells.sort(key=lambda c: (c[0] is None, c[0] if isinstance(c[0], (int, float)) else str(c[0])))
+    return [(v, sorted(m, key=lambda r: (_seed(r) is None, _seed(r) or 0))) for v, m in cells]
+
+
+def histogram_data(cfg: DictConfig):
+    """What a ``histogram`` figure draws: ``cells`` = ``(label, group, runs)`` (extra groups first,
+    then the group's ``by`` values in order; runs sorted by seed), ``drawn`` = ``(label, is_extra,
+    rewards, runs drawn)`` and the runs without ``rewards.npy``. ``seeds: first`` draws the
+    lowest seed that has ``rewards.npy``; ``seeds: pool`` concatenates every seed's rewards."""
+    spec = cfg.table.figure
+    by = spec.get("by")
+    symbol = spec.get("by_label") or (by.split(".")[-1] if by else "")
+    pool = spec.get("seeds", "first")
+    if pool not in ("first", "pool"):
+        raise ValueError(f"table.figure.seeds must be first | pool (got {pool!r})")
+    extras = list(spec.get("extra_groups") or [])
+    cells: list[tuple[str, str, list[Run]]] = []
+    for group in extras:
+        for _, members in _by_value_cells(collect_runs(cfg, group), None):
+            cells.append((group, group, members))
+    n_extra = len(cells)
+    for value, members in _by_value_cells(collect_runs(cfg, spec.group), by):
+        shown = f"{value:.10g}" if isinstance(value, float) else value  # 0.1 + 0.2 reads 0.3
+        cells.append((f"{symbol} = {shown}" if by else spec.group, spec.group, members))
+
+    drawn, missing = [], []
+    for i, (label, _, members) in enumerate(cells):
+        have = [r for r in members if (r.folder / "rewards.npy").exists()]
+        missing += [r for r in members if not (r.folder / "rewards.npy").exists()]
+        use = have if pool == "pool" else have[:1]
+        if use:
+            x = np.concatenate([np.load(r.folder / "rewards.npy").astype(np.float64).ravel() for r in use])
+            drawn.append((label, i < n_extra, x, use))
+    return cells, drawn, missing
+
+
+def _write_histogram(cfg: DictConfig) -> Path:
+    table, spec = cfg.table, cfg.table.figure
+    pool = spec.get("seeds", "first")
+    layout = spec.get("layout", "overlay")
+    if layout not in ("overlay", "panels"):
+        raise ValueError(f"table.figure.layout must be overlay | panels (got {layout!r})")
+    cells, drawn, missing = histogram_data(cfg)
+
+    out = Path(cfg.paths.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{table.name}.png"
+    values = np.concatenate([x for _, _, x, _ in drawn]) if drawn else np.zeros(1)
+    edges = np.histogram_bin_edges(values[np.isfinite(values)] if np.isfinite(values).any() else np.zeros(1),
+                                   bins=int(spec.get("bins", 40)))
+    if layout == "overlay":
+        fig = Figure(figsize=(7, 4))
+        ax = fig.add_subplot()
+        axes = [ax] * max(len(drawn), 1)
+    else:
+        ncols = min(max(len(drawn), 1), 4)
+        nrows = math.ceil(max(len(drawn), 1) / ncols)
+        fig = Figure(figsize=(3.2 * ncols, 2.8 * nrows))
+        axes = list(fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel())
+    greys, n_grey = ["k", "0.45", "0.65", "0.8"], 0
+    for i, (label, extra, x, _) in enumerate(drawn):
+        ax = axes[i]
+        color = greys[n_grey % len(greys)] if extra else f"C{(i - n_grey) % 10}"
+        n_grey += extra
+        ax.hist(x, bins=edges, density=True, histtype="stepfilled" if layout == "panels" else "step",
+                color=color, alpha=0.6 if layout == "panels" else 1.0, linewidth=1.5, label=label)
+        ax.axvline(float(np.mean(x)), color=color, linestyle=":", linewidth=1)
+        if layout == "panels":
+            ax.set_title(label, fontsize=9)
+    for ax in (axes if layout == "panels" else axes[:1]):
+        ax.set(xlabel=spec.get("xlabel", "nominal reward r̂"), ylabel="density")
+    if layout == "overlay" and drawn:
+        axes[0].legend(fontsize=8)
+    if not drawn:
+        axes[0].text(0.5, 0.5, "no rewards.npy", ha="center", va="center", transform=axes[0].transAxes)
+    for ax in axes[len(drawn):] if layout == "panels" else []:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+
+    all_runs = [r for _, _, members in cells for r in members]
+    used = {id(r) for *_, use in drawn for r in use}
+    columns = dict(spec.get("columns") or HISTOGRAM_COLUMNS)
+    keys = [k for k in columns if any(k in r.metrics for r in all_runs)]
+    how = ("the rewards of all seeds of a value pooled" if pool == "pool" else
+           "one run per value, the lowest seed with rewards.npy (seed 0 when it has them)")
+    lines = [f"# {table.get('title', table.name)}", "", f"Paper: {table.get('source', '—')}", "",
+             f"![{table.name}]({png.name})", "",
+             f"Histograms (densities) of the nominal reward of the evaluation samples (rewards.npy): {how}; "
+             "the table lists every run, ✓ = drawn. Dotted lines: means.", "",
+             "| " + " | ".join(["Run", "seed", "drawn", *(columns[k] for k in keys)]) + " |",
+             "|" + "---|" * (len(keys) + 3)]
+    for label, _, members in cells:
+        for r in members:
+            lines.append("| " + " | ".join([label, str(_seed(r)), "✓" if id(r) in used else "",
+                                            *(_fmt(r.metrics, k) for k in keys)]) + " |")
+    lines += ["", *([f"No rewards.npy: {', '.join(str(r.folder) for r in missing)}", ""] if missing else [])]
+    if not all_runs:
+        lines += [f"No finished runs in group {spec.group!r}.", ""]
+    if table.get("notes"):
+        lines += ["## Notes", "", table.notes.strip(), ""]
+    md = out / f"{table.name}.md"
+    md.write_text("\n".join(lines))
+    return md
+
 
 def write_figure(cfg: DictConfig) -> Path:
     """Draw ``cfg.table.figure`` into ``<report_dir>/<table>.png``; returns the ``.md`` beside it."""
     table, spec = cfg.table, cfg.table.figure
+    if spec.kind == "histogram":
+        return _write_histogram(cfg)
     if spec.kind not in DRAW:
-        raise ValueError(f"table.figure.kind must be {' | '.join(DRAW)} (got {spec.kind!r})")
+        raise ValueError(f"table.figure.kind must be {' | '.join([*DRAW, 'histogram'])} (got {spec.kind!r})")
     n = int(spec.get("max_points", 300))
     name = spec.by.split(".")[-1]
     runs = sorted(collect_runs(cfg, spec.group), key=lambda r: OmegaConf.select(r.config, spec.by))

@@ -13,6 +13,11 @@ scenario where oracles are imperfect." §8.2 then compares ``r_hat`` with the ge
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -23,7 +28,9 @@ from ..data.sequences import SequenceData, one_hot
 from ..data.tfbind8 import TFBind8ExactLookup
 from .base import Reward
 
-__all__ = ["MLPOracle", "OracleRegression", "OracleReward", "ExactLookupReward"]
+__all__ = ["MLPOracle", "OracleRegression", "OracleReward", "ExactLookupReward", "trained_oracle"]
+
+log = logging.getLogger(__name__)
 
 
 class MLPOracle(nn.Module):
@@ -185,11 +192,14 @@ class OracleReward(Reward):
 
     differentiable = True
 
-    def __init__(self, net: nn.Module, vocab_size: int):
+    def __init__(self, net: nn.Module, vocab_size: int, offset: Tensor | None = None):
         super().__init__()
         self.net = net.eval()
         self.net.requires_grad_(False)
         self.vocab_size = int(vocab_size)
+        # states measured from a reference sequence (GFP's difference representation) are
+        # shifted back to one-hot coordinates before the network reads them
+        self.register_buffer("offset", offset, persistent=False)
 
     def train(self, mode: bool = True) -> "OracleReward":
         super().train(mode)
@@ -198,11 +208,17 @@ class OracleReward(Reward):
 
     def forward(self, x: Tensor, cond=None) -> Tensor:
         if not x.is_floating_point():
-            x = one_hot(x, self.vocab_size)
-        return self.net(x)
+            return self.net(one_hot(x, self.vocab_size).to(self._dtype))
+        return self.net(x if self.offset is None else x + self.offset)
+
+    @property
+    def _dtype(self):
+        return next(self.net.parameters()).dtype
 
     def hard(self, x: Tensor) -> Tensor:
         """``r_hat(one_hot(argmax x))`` for a relaxed state ``[B, L, V]`` (no gradient to x)."""
+        if self.offset is not None:
+            x = x + self.offset
         return self.net(one_hot(x.argmax(dim=-1), self.vocab_size))
 
 
@@ -222,3 +238,55 @@ class ExactLookupReward(Reward):
     def forward(self, x: Tensor, cond=None) -> Tensor:
         with torch.no_grad():
             return self.lookup(x.detach())
+
+
+def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: SequenceData | None = None,
+                   rows: str = "train", train_fraction: float = 0.5, epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
+                   weight_decay: float = 0.0, seed: int = 0) -> OracleReward:
+    """Fit ``net`` on ``data`` (default: the task's ``rows``, ``train`` split or ``full`` table) with :class:`OracleRegression`
+    (a seeded random ``train_fraction`` of the rows; R² on the rest) and wrap it as the reward.
+
+    Trained once per (data, network, settings): weights and R² go to
+    ``<cache_dir>/oracle/<hash>/`` and later runs load them. ``oracle.json`` there records
+    the held-out R² and, when the task has more rows than its training split, the R² on all
+    rows (how far the oracle is trusted off the training distribution).
+    """
+    if rows not in ("train", "full"):
+        raise ValueError(f"reward.rows must be 'train' or 'full' (got {rows!r})")
+    if data is None:
+        data = dataset.train if rows == "train" else dataset.full
+    settings = dict(data=data.name, rows=len(data), net=repr(net), train_fraction=train_fraction, epochs=epochs,
+                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / "oracle" / key
+    weights, summary = folder / "oracle.pt", folder / "oracle.json"
+    if weights.exists():
+        net.load_state_dict(torch.load(weights, map_location="cpu"))
+    else:
+        module = OracleRegression(net, data.tokens, data.y, dataset.vocab_size, train_fraction=train_fraction,
+                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+        log.info("fitting oracle on %s (%d rows x %.2f, %d epochs) -> %s", data.name, len(data), train_fraction,
+                 epochs, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        L.Trainer(max_epochs=epochs, logger=L.pytorch.loggers.CSVLogger(folder, name="", version=""),
+                  enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                  num_sanity_val_steps=0, accelerator="cpu", devices=1).fit(module)
+        r2 = {"heldout_r2": module.heldout_r2(), **settings}
+        # how well r_hat ranks what the pretrained model generates (its training split)
+        r2["train_split_r2"] = _r2_on(module.net, dataset.train, dataset.vocab_size)
+        summary.write_text(json.dumps(r2, indent=2))
+        tmp = weights.with_suffix(".tmp")
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, weights)  # atomic: a killed fit never leaves a half-written cache entry
+    reward = OracleReward(net, dataset.vocab_size, offset=dataset.state_offset)
+    reward.summary = json.loads(summary.read_text())
+    log.info("oracle %s: %s", folder, {k: v for k, v in reward.summary.items() if k.endswith("r2")})
+    return reward
+
+
+@torch.no_grad()
+def _r2_on(net: nn.Module, data: SequenceData, vocab_size: int, chunk: int = 8192) -> float:
+    sums = torch.zeros(4, dtype=torch.float64)
+    for start in range(0, len(data), chunk):
+        sums += _r2_sums(net(one_hot(data.tokens[start:start + chunk], vocab_size)), data.y[start:start + chunk])
+    return float(_r2_from_sums(sums))

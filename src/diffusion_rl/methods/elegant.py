@@ -1,0 +1,176 @@
+"""ELEGANT (Uehara et al. 2024, Algorithm 1): entropy-regularised control with a learned
+initial distribution.
+
+The target is the tilted distribution ``p_r(x) ∝ exp(r(x) / alpha) p_pre(x)``. Fine-tuning
+only the drift from the usual ``N(0, I)`` start cannot reach it (the optimal chain also moves
+its start, Corollary 2), so ELEGANT runs three stages, one after the other here, each a block
+of iterations of the same Lightning loop (so checkpoints and resume cover all three):
+
+1. **Value function at t = 0** (§7.1, the numerically stable form): regress
+   ``r(x_T)`` of *pretrained* chains on their starting point ``x_0``. The exact
+   ``v_0(x) = alpha log E[exp(r(x_T) / alpha) | x_0 = x]`` differs from ``E[r(x_T) | x_0 = x]``
+   by a constant when ``r(x_T) = f(x_0) + noise``, and a constant does not move the tilt.
+2. **Initial distribution** (§6, Theorem 2): on ``[-T0, 0]`` the reference SDE
+   ``dx = -x/2 dt + dW`` keeps ``N(0, I)`` (:class:`StationaryOUProcess`); a controlled copy
+   with drift ``-x/2 + u(x, t)`` is trained to maximise ``E[v(x_0)] - alpha KL`` by
+   backpropagation through its Euler–Maruyama chain (Girsanov: KL = ``E sum |u|^2 dt / 2``).
+   Its law at ``t = 0`` is then ``∝ exp(v(x) / alpha) N(x; 0, I)``, the optimal start.
+3. **Drift control** on ``[0, T]``: reward backpropagation on ``E[r(x_T)] - alpha path KL``
+   from starts drawn by stage 2 (:class:`RewardBackprop`; ``kl_weight`` is ELEGANT's alpha,
+   named like every other method's KL weight so one sweep key serves all tables).
+
+Sampling runs the stage-2 chain, then the fine-tuned chain; the evaluation's KL-Div adds the
+two path KLs (eq. 5's (b2): the initial KL is bounded by its generating chain's path KL).
+
+Networks: the value function is an MLP on the flattened ``x_0``; the initial control reuses
+the backbone's architecture (a copy of the pretrained weights whose output is multiplied by
+a learned gain that starts at 0, so stage 2 starts exactly at the reference SDE).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..core.processes import StationaryOUProcess
+from ..core.samplers import EulerMaruyama, GradWindow
+from .reward_backprop import RewardBackprop
+
+PHASES = ("value", "initial", "drift")
+
+
+class ValueNet(nn.Module):
+    """``v(x_0)``: flatten -> (Linear, SiLU) x len(hidden) -> Linear -> ``[B]``."""
+
+    def __init__(self, event_shape: Sequence[int], hidden: Sequence[int] = (256, 256)):
+        super().__init__()
+        layers, width = [], math.prod(event_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), nn.SiLU()]
+            width = int(h)
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1)).squeeze(-1)
+
+
+class InitialControl(nn.Module):
+    """Score-parametrised policy of the initial chain: ``stationary score + gain * net(x, t)``."""
+
+    def __init__(self, net: nn.Module, process: StationaryOUProcess):
+        super().__init__()
+        self.net, self.process = net, process
+        self.gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
+        return self.process.stationary_score(x) + self.gain * self.net(x, s, cond)
+
+
+class StationaryReference(nn.Module):
+    """The reference SDE's exact score (no parameters): the chain that keeps ``N(0, std^2 I)``."""
+
+    def __init__(self, process: StationaryOUProcess):
+        super().__init__()
+        self.process = process
+
+    def forward(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
+        return self.process.stationary_score(x)
+
+
+class ELEGANT(RewardBackprop):
+    def __init__(self, *args, kl_weight: float, iterations: int, value_fraction: float = 0.2,
+                 initial_fraction: float = 0.2, initial_steps: int = 10, initial_T: float = 1.0,
+                 value_hidden: Sequence[int] = (256, 256), value_lr: float = 1e-3, initial_lr: float = 1e-3, **kw):
+        if kl_weight <= 0:
+            raise ValueError(f"method.kl_weight (ELEGANT's alpha) must be > 0 (got {kl_weight}); 0 is method=nokl")
+        if not (0 < value_fraction and 0 <= initial_fraction and value_fraction + initial_fraction < 1):
+            raise ValueError("method.value_fraction > 0, method.initial_fraction >= 0 and their sum < 1 required "
+                             f"(got {value_fraction}, {initial_fraction})")
+        kw.setdefault("grad_window", {"kind": "all"})  # stage 3 backpropagates through the whole chain
+        super().__init__(*args, iterations=iterations, reward_weight=1.0, kl_weight=kl_weight, **kw)
+        # stage budgets: shares of `iterations`, at least one iteration each (drift gets the rest)
+        n_value = max(1, round(value_fraction * iterations))
+        n_initial = max(1, round(initial_fraction * iterations)) if initial_fraction > 0 else 0
+        if iterations > 0 and n_value + n_initial >= iterations:
+            raise ValueError(f"method.iterations={iterations} leaves no drift-control iterations after "
+                             f"{n_value} value and {n_initial} initial-distribution iterations")
+        self.alpha = kl_weight  # ELEGANT's alpha
+        self.phase_ends = (n_value, n_value + n_initial, self.iterations)
+        self.value_lr, self.initial_lr = value_lr, initial_lr
+        self.value_net = ValueNet(self.backbone.event_shape, value_hidden)
+        _, prior_std = self.sampler.process.marginal_coeffs(torch.tensor(self.sampler.process.T))
+        init_process = StationaryOUProcess(T=initial_T, std=float(prior_std))
+        self.initial_sampler = EulerMaruyama(init_process, initial_steps)
+        self.initial_control = InitialControl(copy.deepcopy(self.backbone), init_process)
+        self.initial_reference = StationaryReference(init_process)
+        # which iteration we are at, saved in checkpoints: a resumed run re-enters its stage
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @property
+    def phase(self) -> str:
+        i = int(self.iteration)
+        return next(p for p, end in zip(PHASES, self.phase_ends) if i < end) if i < self.iterations else "drift"
+
+    @property
+    def learns_initial(self) -> bool:
+        return self.phase_ends[1] > self.phase_ends[0]
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr),
+                torch.optim.Adam(self.value_net.parameters(), lr=self.value_lr),
+                torch.optim.Adam(self.initial_control.parameters(), lr=self.initial_lr)]
+
+    # --- the learned initial distribution ------------------------------------------------
+    def initial_rollout(self, n: int, generator: torch.Generator, grad: bool = False):
+        with torch.set_grad_enabled(grad):
+            return self.initial_sampler.rollout(
+                self.initial_control, n, generator=generator, event_shape=self.backbone.event_shape,
+                reference=self.initial_reference, grad_window=GradWindow("all") if grad else None,
+                device=self.device)
+
+    def eval_initial(self):
+        if not self.learns_initial:
+            return None
+
+        def initial(n: int, generator: torch.Generator):
+            traj = self.initial_rollout(n, generator)
+            return traj.final, traj.path_kl()
+        return initial
+
+    # --- one iteration ---------------------------------------------------------------------
+    def update(self) -> dict[str, float]:
+        phase = self.phase
+        self.iteration += 1
+        drift_opt, value_opt, initial_opt = self.optimizers()
+        if phase == "value":
+            traj = self.rollout(self.reference, with_reference=False)
+            with torch.no_grad():
+                target = self.reward(traj.final)  # the reward stage 3 maximises (relaxed state)
+            pred = self.value_net(traj.states[0])
+            loss = ((pred - target) ** 2).mean()
+            self.optimiser_step(loss, value_opt)
+            explained = 1 - loss.detach() / target.var().clamp_min(1e-12)
+            return {"phase": 0, "value_loss": loss.detach(), "value_explained_variance": explained,
+                    "reward": target.mean()}
+        if phase == "initial":
+            self.value_net.requires_grad_(False)
+            traj = self.initial_rollout(self.batch_size, self.generator, grad=True)
+            value, kl = self.value_net(traj.final), traj.path_kl()
+            loss = -(value - self.alpha * kl).mean()
+            self.optimiser_step(loss, initial_opt)
+            return {"phase": 1, "initial_value": value.detach().mean(), "kl_init": kl.detach().mean(),
+                    "initial_gain": self.initial_control.gain.detach()}
+        x_init = kl_init = None
+        if self.learns_initial:
+            with torch.no_grad():
+                init = self.initial_rollout(self.batch_size, self.generator)
+            x_init, kl_init = init.final, init.path_kl().mean()
+        logs = self.backprop_step(x_init, drift_opt)
+        logs["phase"] = 2
+        if kl_init is not None:
+            logs["kl_init"] = kl_init
+        return logs
