@@ -85,3 +85,31 @@ def test_unknown_option_lists_the_choices(failed_runs):
 @pytest.mark.parametrize("name", list(CONSTRUCTOR_CASES))
 def test_constructor_range_checks_fail_with_one_line_and_leave_folder_alone(failed_runs, name):
     check_failure(failed_runs, name, CONSTRUCTOR_CASES)
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing"])
+def test_bad_data_file_fails_before_compute_naming_the_file(tmp_path, swiss_cache, damage):
+    """A corrupted or missing TFBind8 file: one error line naming the file and where to get it
+    (its PROVENANCE.md), exit 2, no oracle fitted, no pretraining, the run folder untouched."""
+    import shutil
+
+    from conftest import REPO_ROOT, run_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO_ROOT.parent / "shared" / "data" / "tfbind8", data / "tfbind8")
+    target = data / "tfbind8" / "tf_bind_8-y-0.npy"
+    if damage == "altered":
+        with target.open("ab") as f:
+            f.write(b"\0")
+    else:
+        target.unlink()
+    run_dir = tmp_path / "run"
+    before = prepare_existing_run(run_dir)
+    proc = run_cli(["debug=smoke", "experiment=elegant_tfbind8", "method=elegant", f"paths.data_dir={data}",
+                    f"hydra.run.dir={run_dir}", *path_overrides(tmp_path)])
+    assert proc.returncode == 2, describe(proc)
+    line = last_error_line(proc)
+    assert line.startswith("error:") and "tf_bind_8-y-0.npy" in line and "PROVENANCE.md" in line, line
+    assert "Traceback" not in proc.stderr
+    assert snapshot(run_dir) == before and not (run_dir / "metrics.json").exists()
+    assert not (tmp_path / "cache").exists()  # nothing was computed

@@ -401,3 +401,28 @@ def test_path_kl_without_reference_raises():
     assert traj.kl is None
     with pytest.raises(ValueError):
         traj.path_kl()
+
+
+def test_final_noise_off_returns_the_last_mean():
+    """final_noise=False: the last state is the last transition's mean (no noise), that step adds
+    no log-probability, and its KL to a reference is the Girsanov control cost."""
+    from diffusion_rl.core.processes import VPProcess
+    from diffusion_rl.core.samplers import EulerMaruyama
+
+    process = VPProcess()
+    policy = lambda x, s, cond=None: -x  # noqa: E731  (the N(0, I) score)
+    reference = lambda x, s, cond=None: -0.5 * x  # noqa: E731
+    on = EulerMaruyama(process, 5)
+    off = EulerMaruyama(process, 5, final_noise=False)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = on.rollout(policy, 64, generator=g(), event_shape=(3,), reference=reference)
+    b = off.rollout(policy, 64, generator=g(), event_shape=(3,), reference=reference)
+    torch.testing.assert_close(a.states[:-1], b.states[:-1])  # identical until the last step
+    torch.testing.assert_close(b.final, b.means[-1])
+    assert not torch.allclose(a.final, a.means[-1])
+    assert b.stds[-1] == 0 and (b.stds[:-1] > 0).all()
+    assert (b.log_probs()[-1] == 0).all() and (b.log_probs()[:-1] != 0).all()
+    s, dt = off._grid(b.states[-2], torch.full((64,), 4))
+    cost = 0.5 * process.g(s) ** 2 * dt * ((b.outputs[-1] - reference(b.states[-2], s)) ** 2).sum(-1)
+    torch.testing.assert_close(b.kl[-1], cost)
+    torch.testing.assert_close(b.kl[:-1], a.kl[:-1])

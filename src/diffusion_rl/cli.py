@@ -31,6 +31,7 @@ def _task(cfg: DictConfig) -> float | None:
     import lightning as L  # heavy imports after validation: bad input fails fast
     import torch
 
+    from .data.checksums import DataFileError
     from .runner import run
 
     if cfg.get("num_threads"):
@@ -39,11 +40,11 @@ def _task(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, run_dir)
-    except ValueError as err:  # a constructor's range check: still one line
+    except (ValueError, DataFileError) as err:  # a range check or a missing / altered data file: one line
         _fail(str(err))
     except InstantiationException as err:  # the same, wrapped by hydra.utils.instantiate
         cause = err.__cause__
-        if not isinstance(cause, ValueError):
+        if not isinstance(cause, (ValueError, DataFileError)):
             raise
         _fail(str(cause))
     return metrics.get("reward_mean")

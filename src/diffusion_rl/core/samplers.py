@@ -59,11 +59,16 @@ class Sampler:
 
     stochastic: bool = True
 
-    def __init__(self, process: ForwardProcess, num_steps: int):
+    def __init__(self, process: ForwardProcess, num_steps: int, final_noise: bool = True):
         if num_steps <= 0:
             raise ValueError(f"sampler.num_steps must be > 0 (got {num_steps})")
         self.process = process
         self.num_steps = int(num_steps)
+        # False: the last step returns its mean (Song et al. 2021's "denoise" of the final
+        # sample). With few steps the last step's noise is large (VP, 10 steps: std 0.46 per
+        # coordinate), enough to flip the argmax of a one-hot state; the step is then
+        # deterministic, so it adds no log-probability and its KL is the control cost.
+        self.final_noise = bool(final_noise)
         self.times = torch.linspace(process.T, process.t_min, self.num_steps + 1)
 
     @property
@@ -133,13 +138,15 @@ class Sampler:
                     out, mean, std = checkpoint(self._step, policy, x, kk, s, cond, use_reentrant=False)
                 else:
                     out, mean, std = self._step(policy, x, kk, s, cond)
+                if k == K - 1 and not self.final_noise:
+                    std = torch.zeros_like(std)
                 if reference is not None:
                     with torch.no_grad():
                         ref_out = reference(x, s, cond)
                         ref_mean, _ = self.transition(x, kk, ref_out)
                     kls.append(self.step_kl(x, kk, out, ref_out, mean, ref_mean, std))
             noise = torch.randn(x.shape, generator=generator, device=x.device)
-            x = mean + _bcast(std, mean) * noise if self.stochastic else mean
+            x = mean + _bcast(std, mean) * noise if self.stochastic else mean  # std = 0: the mean
             states.append(x)
             outputs.append(out)
             means.append(mean)
@@ -205,8 +212,8 @@ class DDIM(Sampler):
     posterior variance scaled by ``eta^2`` (eta = 0: deterministic DDIM; eta = 1: DDPM).
     """
 
-    def __init__(self, process: ForwardProcess, num_steps: int, eta: float = 0.0):
-        super().__init__(process, num_steps)
+    def __init__(self, process: ForwardProcess, num_steps: int, eta: float = 0.0, final_noise: bool = True):
+        super().__init__(process, num_steps, final_noise)
         if eta < 0:
             raise ValueError(f"sampler.eta must be >= 0 (got {eta})")
         self.eta = float(eta)
