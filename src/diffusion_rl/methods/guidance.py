@@ -37,8 +37,7 @@ What the paper leaves unspecified, and our choices
   ``gamma`` would no longer mean "condition on y = 1". The imbalance (``q = 0.1``) only makes
   training slower on the rare class; the logged ``classifier_accuracy`` should be read
   against ``1 - positive_fraction``.
-* ``gamma`` (``guidance_scale``): not given; 1 (the Bayes-rule value) by default, swept in
-  experiments.
+* ``gamma`` (``guidance_scale``): not given; 1 (the Bayes-rule value) by default, set per experiment.
 * The reward is evaluated on the float data state ``x_0`` (exact one-hot rows for sequences,
   where it equals the reward of the decoded sequence).
 * Only score-parametrised processes with Gaussian marginals (OU, VP); the Brownian bridge

@@ -195,9 +195,7 @@ def _write_histogram(cfg: DictConfig) -> Path:
     keys = [k for k in columns if any(k in r.metrics for r in all_runs)]
     how = ("the rewards of all seeds of a value pooled" if pool == "pool" else
            "one run per value, the lowest seed with rewards.npy (seed 0 when it has them)")
-    lines = [f"# {table.get('title', table.name)}", "", f"Paper: {table.get('source', '—')}", "",
-             f"![{table.name}]({png.name})", "",
-             f"Histograms (densities) of the nominal reward of the evaluation samples (rewards.npy): {how}; "
+    lines = [f"Histograms (densities) of the nominal reward of the evaluation samples (rewards.npy): {how}; "
              "the table lists every run, ✓ = drawn. Dotted lines: means.", "",
              "| " + " | ".join(["Run", "seed", "drawn", *(columns[k] for k in keys)]) + " |",
              "|" + "---|" * (len(keys) + 3)]
@@ -208,9 +206,17 @@ def _write_histogram(cfg: DictConfig) -> Path:
     lines += ["", *([f"No rewards.npy: {', '.join(str(r.folder) for r in missing)}", ""] if missing else [])]
     if not all_runs:
         lines += [f"No finished runs in group {spec.group!r}.", ""]
+    return _write_page(cfg, png, lines)
+
+
+def _write_page(cfg: DictConfig, png: Path, body: list[str]) -> Path:
+    """The markdown page beside a figure: title, source, the PNG, ``body``, the notes."""
+    table = cfg.table
+    lines = [f"# {table.get('title', table.name)}", "", f"Paper: {table.get('source', '—')}", "",
+             f"![{table.name}]({png.name})", "", *body]
     if table.get("notes"):
         lines += ["## Notes", "", table.notes.strip(), ""]
-    md = out / f"{table.name}.md"
+    md = png.with_suffix(".md")
     md.write_text("\n".join(lines))
     return md
 
@@ -237,17 +243,11 @@ def write_figure(cfg: DictConfig) -> Path:
 
     keys = [k for k in ("reward_mean", "kl_data", "kl_path") if any(k in r.metrics for r in runs)]
     headers = {"reward_mean": "reward", "kl_data": "KL(data)", "kl_path": "path KL"}
-    lines = [f"# {table.get('title', table.name)}", "", f"Paper: {table.get('source', '—')}", "",
-             f"![{table.name}]({png.name})", "",
-             "| " + " | ".join([spec.by, *(headers[k] for k in keys)]) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines = ["| " + " | ".join([spec.by, *(headers[k] for k in keys)]) + " |", "|" + "---|" * (len(keys) + 1)]
     for r in runs:
         lines.append("| " + " | ".join([str(OmegaConf.select(r.config, spec.by)), *(_fmt(r.metrics, k) for k in keys)]) + " |")
     missing = [str(r.folder) for r in runs if not (r.folder / "samples.npy").exists()]
     lines += ["", *([f"Not drawn (no samples.npy): {', '.join(missing)}", ""] if missing else [])]
     if not runs:
         lines += [f"No finished runs in group {spec.group!r}.", ""]
-    if table.get("notes"):
-        lines += ["## Notes", "", table.notes.strip(), ""]
-    md = out / f"{table.name}.md"
-    md.write_text("\n".join(lines))
-    return md
+    return _write_page(cfg, png, lines)

@@ -56,8 +56,9 @@ def _exact_row(cfg: DictConfig, row, shows: list[str], cols: list, notes: dict[s
         how = ("computed exactly" if metrics.get("diversity_exact") else
                f"estimated from {metrics.get('diversity_n_samples')} draws of p_r")
         notes.setdefault(f"{row.label}: the exact optimum p_r ∝ exp(r̂/α) p_data over all {metrics.get('n_sequences')} "
-                         f"sequences, p_data = the training split + {settings['smoothing']:g} pseudo-counts per "
-                         f"sequence; r̂ and r = E_p_r[r̂] and E_p_r[r], KL-Div = KL(p_r ‖ p_data) (the path KL at "
+                         f"sequences, p_data = the empirical distribution of "
+                         f"{'the training split' if settings.get('p_data', 'train') == 'train' else 'the whole table'}"
+                         f" + {settings['smoothing']:g} pseudo-counts per sequence; r̂ and r = E_p_r[r̂] and E_p_r[r], KL-Div = KL(p_r ‖ p_data) (the path KL at "
                          f"the optimum), diversity {how}", []).append(alpha)
     # a shown KL weight is the row's alpha; otherwise the label says it
     shown = [alpha if k.split(".")[-1] in ("kl_weight", "alpha") else "—" for k in shows]
