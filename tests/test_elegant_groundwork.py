@@ -257,3 +257,35 @@ def test_empirical_log_p_data_smoothing() -> None:
         empirical_log_p_data(torch.tensor([[1, 1, 1]]), all_tokens[:4], 0.1)  # not in the space
     with pytest.raises(ValueError):
         empirical_log_p_data(train, torch.cat([all_tokens, all_tokens[:1]]), 0.1)  # duplicate row
+
+
+def test_trained_oracle_is_cached_and_normalises_labels(tmp_path) -> None:
+    """trained_oracle fits once (the second call loads the cache: same weights, no new folder),
+    and normalize_y fits min-max-scaled labels over the task's whole table."""
+    from types import SimpleNamespace
+
+    from diffusion_rl.rewards.oracles import MLPOracle, trained_oracle
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 3, (600, 4), generator=g)
+    y = 10.0 + 5.0 * (tokens == 2).float().sum(1)  # additive, in [10, 30]
+    full = SequenceData(tokens=tokens, y=y, alphabet="ABC", name="toy")
+    task = SimpleNamespace(train=full.subset(torch.arange(300), name="toy_train"), full=full, vocab_size=3,
+                           state_offset=None)
+
+    def fit():
+        torch.manual_seed(0)  # the network's initial weights (loading the cache overwrites them)
+        return trained_oracle(task, MLPOracle(4, 3, hidden=(32,)), cache_dir=tmp_path, rows="full",
+                              normalize_y=True, epochs=30, batch_size=64, lr=1e-2)
+
+    first = fit()
+    assert len(list((tmp_path / "oracle").iterdir())) == 1
+    second = fit()
+    assert len(list((tmp_path / "oracle").iterdir())) == 1
+    for a, b in zip(first.net.parameters(), second.net.parameters()):
+        assert torch.equal(a, b)
+    assert first.summary["heldout_r2"] > 0.9 and first.summary["normalize_y"] is True
+    pred = first(tokens)
+    assert 0 <= pred.min() and pred.max() <= 1  # sigmoid output on the normalised scale
+    target = (y - y.min()) / (y.max() - y.min())
+    assert (pred - target).abs().mean() < 0.1

@@ -263,3 +263,28 @@ def test_histogram_figure(tmp_path, seeds, layout):
     assert "0.30 ± 0.020" in text and "KL-Div" in text and "r (true)" not in text
     assert "No rewards.npy" in text and "method.kl_weight=0.01,seed=0" in text
     assert ("pooled" in text) == (seeds == "pool")
+
+
+def test_shared_runs_folder_rows_report_their_own_group_settings(tmp_path):
+    """Two tables share a runs folder: table A's group fixes kl_weight=0.05, table B adds
+    kl_weight=0.005 runs to the same group folder. A's row (no `where`) reports only its own
+    setting; a row matching two settings without `where` is an error, not a silent pick."""
+    from diffusion_rl.report.experiments import group_settings, select_runs
+
+    runs_dir = tmp_path / "runs"
+    for kl, base in ((0.05, 0.4), (0.005, 0.8)):
+        for seed in (0, 1, 2):
+            make_run(runs_dir, "shared", "ppo", f"method.kl_weight={kl},seed={seed}",
+                     {"seed": seed, "method": {"kl_weight": kl}}, {"reward_mean": base + 0.01 * seed})
+    table = {"name": "a", "runs_name": "shared", "columns": {"reward_mean": "r"}, "paper_columns": [],
+             "title": "t", "source": "s",
+             "groups": {"ppo": {"overrides": ["method=ppo_kl", "method.kl_weight=0.05"], "sweep": {"seed": [0, 1, 2]}}},
+             "rows": [{"label": "PPO", "group": "ppo"}]}
+    cfg = base_cfg(tmp_path, table)
+    assert group_settings(cfg, "ppo") == {"method.kl_weight": 0.05}
+    runs = collect_runs(cfg, "ppo")
+    assert len(runs) == 6
+    chosen = select_runs(runs, cfg.table.rows[0], [], group_settings(cfg, "ppo"))
+    assert sorted(r.metrics["reward_mean"] for r in chosen) == pytest.approx([0.40, 0.41, 0.42])
+    with pytest.raises(ValueError, match="where"):
+        select_runs(runs, cfg.table.rows[0], ["method.kl_weight"], {})

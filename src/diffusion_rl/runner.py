@@ -49,7 +49,11 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
     """The pretrained backbone for this (dataset, process, backbone, pretrain) — trained once,
     then loaded from ``<cache_dir>/pretrain/<hash>/backbone.pt`` by every run of a sweep."""
     backbone = instantiate(cfg.backbone)
-    key = config_hash(cfg.dataset, cfg.process, cfg.backbone, cfg.pretrain)
+    # the genuine-reward oracle a dataset may carry (GFP's proxy) does not change the data
+    data = OmegaConf.to_container(cfg.dataset, resolve=True)
+    data.pop("true_oracle", None)
+    data_cfg = OmegaConf.create(data)
+    key = config_hash(data_cfg, cfg.process, cfg.backbone, cfg.pretrain)
     folder = Path(cfg.paths.cache_dir) / "pretrain" / key
     weights = folder / "backbone.pt"
     if weights.exists():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+import yaml  # parses override values the way Hydra does (numbers, booleans)
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +156,32 @@ def seed_cells(runs: list[Run], keys: list[str] | None = None) -> list[list[Run]
                                               OmegaConf.select(r.config, "seed") or 0)) for c in cells.values()]
 
 
-def select_runs(runs: list[Run], row: DictConfig, keys: list[str] | None = None) -> list[Run]:
-    """The runs (one cell: the seeds of one setting) a row reports: matching ``where``, then the
-    cell whose seed-mean reward is closest to ``target_reward`` (else the first cell)."""
-    cells = seed_cells(matching_runs(runs, row.get("where")), keys)
+def group_settings(cfg: DictConfig, group: str) -> dict:
+    """The config values a group's overrides fix (``key=value`` with a dotted key). Tables that
+    share a runs folder (``runs_name``) may add runs with other values to a group's folder; a
+    row reports only the runs its own group defines."""
+    spec = cfg.table.get("groups", {}).get(group) if cfg.get("table") is not None else None
+    fixed = {}
+    for override in (spec.get("overrides") or []) if spec is not None else []:
+        key, _, value = str(override).partition("=")
+        if "." in key and not key.startswith(("hydra", "+", "~")):
+            fixed[key] = yaml.safe_load(value)
+    return fixed
+
+
+def select_runs(runs: list[Run], row: DictConfig, keys: list[str] | None = None,
+                fixed: dict | None = None) -> list[Run]:
+    """The runs (one cell: the seeds of one setting) a row reports: matching the group's fixed
+    settings and ``where``, then the cell whose seed-mean reward is closest to
+    ``target_reward``. Without a target, several cells are ambiguous: an error asks for ``where``."""
+    where = {**(fixed or {}), **OmegaConf.to_container(row.get("where") or OmegaConf.create({}))}
+    cells = seed_cells(matching_runs(runs, where), keys)
     if not cells:
         return []
     if row.get("target_reward") is None:
+        if len(cells) > 1:
+            raise ValueError(f"table row {row.label!r} matches {len(cells)} settings of group {row.group!r}: "
+                             "give it a `where` (e.g. the swept value it reports)")
         return cells[0]
 
     def distance(cell: list[Run]) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .experiments import Run, active_groups, aggregate_seeds, cell_keys, collect_runs, select_runs
+from .experiments import Run, active_groups, aggregate_seeds, cell_keys, collect_runs, group_settings, select_runs
 
 
 def fmt(metrics: dict, key: str) -> str:
@@ -81,7 +81,7 @@ def render_table(cfg: DictConfig) -> str:
         if row.get("exact_optimum") is not None:
             label, cells = _exact_row(cfg, row, shows, cols, exact_notes)
         else:
-            runs = select_runs(_runs(cfg, cache, row.group), row, cell_keys(cfg, row.group))
+            runs = select_runs(_runs(cfg, cache, row.group), row, cell_keys(cfg, row.group), group_settings(cfg, row.group))
             label += f" (target {row.target_reward:.2f})" if row.get("target_reward") is not None else ""
             if not runs:
                 missing.append(row.label)

@@ -241,10 +241,12 @@ class ExactLookupReward(Reward):
 
 
 def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: SequenceData | None = None,
-                   rows: str = "train", train_fraction: float = 0.5, epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
-                   weight_decay: float = 0.0, seed: int = 0) -> OracleReward:
+                   rows: str = "train", normalize_y: bool = False, train_fraction: float = 0.5, epochs: int = 20,
+                   batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> OracleReward:
     """Fit ``net`` on ``data`` (default: the task's ``rows``, ``train`` split or ``full`` table) with :class:`OracleRegression`
     (a seeded random ``train_fraction`` of the rows; R² on the rest) and wrap it as the reward.
+    ``normalize_y`` fits min-max-normalised labels (over the task's whole table), so an oracle
+    with an output sigmoid (ELEGANT Table 5) is bounded like TFBind8's normalised E-score.
 
     Trained once per (data, network, settings): weights and R² go to
     ``<cache_dir>/oracle/<hash>/`` and later runs load them. ``oracle.json`` there records
@@ -255,7 +257,11 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
         raise ValueError(f"reward.rows must be 'train' or 'full' (got {rows!r})")
     if data is None:
         data = dataset.train if rows == "train" else dataset.full
-    settings = dict(data=data.name, rows=len(data), net=repr(net), train_fraction=train_fraction, epochs=epochs,
+    lo, hi = (float(dataset.full.y.min()), float(dataset.full.y.max())) if normalize_y else (0.0, 1.0)
+
+    def target(y: Tensor) -> Tensor:  # min-max over the whole table: every oracle of a task shares one scale
+        return (y - lo) / (hi - lo)
+    settings = dict(data=data.name, rows=len(data), normalize_y=normalize_y, net=repr(net), train_fraction=train_fraction, epochs=epochs,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "oracle" / key
@@ -263,7 +269,7 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
     if weights.exists():
         net.load_state_dict(torch.load(weights, map_location="cpu"))
     else:
-        module = OracleRegression(net, data.tokens, data.y, dataset.vocab_size, train_fraction=train_fraction,
+        module = OracleRegression(net, data.tokens, target(data.y), dataset.vocab_size, train_fraction=train_fraction,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
         log.info("fitting oracle on %s (%d rows x %.2f, %d epochs) -> %s", data.name, len(data), train_fraction,
                  epochs, folder)
@@ -273,7 +279,7 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
                   num_sanity_val_steps=0, accelerator="cpu", devices=1).fit(module)
         r2 = {"heldout_r2": module.heldout_r2(), **settings}
         # how well r_hat ranks what the pretrained model generates (its training split)
-        r2["train_split_r2"] = _r2_on(module.net, dataset.train, dataset.vocab_size)
+        r2["train_split_r2"] = _r2_on(module.net, dataset.train.tokens, target(dataset.train.y), dataset.vocab_size)
         summary.write_text(json.dumps(r2, indent=2))
         tmp = weights.with_suffix(".tmp")
         torch.save(net.state_dict(), tmp)
@@ -285,8 +291,8 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
 
 
 @torch.no_grad()
-def _r2_on(net: nn.Module, data: SequenceData, vocab_size: int, chunk: int = 8192) -> float:
+def _r2_on(net: nn.Module, tokens: Tensor, y: Tensor, vocab_size: int, chunk: int = 8192) -> float:
     sums = torch.zeros(4, dtype=torch.float64)
-    for start in range(0, len(data), chunk):
-        sums += _r2_sums(net(one_hot(data.tokens[start:start + chunk], vocab_size)), data.y[start:start + chunk])
+    for start in range(0, len(tokens), chunk):
+        sums += _r2_sums(net(one_hot(tokens[start:start + chunk], vocab_size)), y[start:start + chunk])
     return float(_r2_from_sums(sums))
