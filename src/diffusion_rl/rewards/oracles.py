@@ -157,11 +157,7 @@ class OracleRegression(L.LightningModule):
     @torch.no_grad()
     def heldout_r2(self, chunk: int = 65536) -> float:
         """R² of ``net`` on the held-out part, without a Trainer."""
-        sums = torch.zeros(4, dtype=torch.float64)
-        for start in range(0, len(self.heldout_index), chunk):
-            index = self.heldout_index[start:start + chunk]
-            sums += _r2_sums(self(self.tokens[index].to(self.device)), self.y[index].to(self.device)).cpu()
-        return float(_r2_from_sums(sums))
+        return r2_score(self.net, self.tokens[self.heldout_index], self.y[self.heldout_index], self.vocab_size, chunk)
 
 
 def _r2_sums(pred: Tensor, y: Tensor) -> Tensor:
@@ -279,7 +275,7 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
                   num_sanity_val_steps=0, accelerator="cpu", devices=1).fit(module)
         r2 = {"heldout_r2": module.heldout_r2(), **settings}
         # how well r_hat ranks what the pretrained model generates (its training split)
-        r2["train_split_r2"] = _r2_on(module.net, dataset.train.tokens, target(dataset.train.y), dataset.vocab_size)
+        r2["train_split_r2"] = r2_score(module.net, dataset.train.tokens, target(dataset.train.y), dataset.vocab_size)
         summary.write_text(json.dumps(r2, indent=2))
         tmp = weights.with_suffix(".tmp")
         torch.save(net.state_dict(), tmp)
@@ -291,8 +287,11 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
 
 
 @torch.no_grad()
-def _r2_on(net: nn.Module, tokens: Tensor, y: Tensor, vocab_size: int, chunk: int = 8192) -> float:
+def r2_score(net: nn.Module, tokens: Tensor, y: Tensor, vocab_size: int, chunk: int = 8192) -> float:
+    """R² of ``net`` on ``(tokens, y)``, in chunks, accumulated in float64."""
+    device = next(net.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64)
     for start in range(0, len(tokens), chunk):
-        sums += _r2_sums(net(one_hot(tokens[start:start + chunk], vocab_size)), y[start:start + chunk])
+        pred = net(one_hot(tokens[start:start + chunk].to(device), vocab_size))
+        sums += _r2_sums(pred, y[start:start + chunk].to(device)).cpu()
     return float(_r2_from_sums(sums))
