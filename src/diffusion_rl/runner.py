@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .evaluation.evaluate import EvalConfig, evaluate
+from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     method.to(device).eval()
     eval_cfg = EvalConfig(**cfg.eval.metrics)
+    # the evaluation's two streams, by the project's rule: chain noise on the device, data draws on the CPU
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
+    data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.eval.seed), "data"))
     true_reward = dataset.true_reward() if hasattr(dataset, "true_reward") else None
     metrics, samples, rewards = evaluate(
-        method.eval_policy(), sampler, reward.to(device), eval_cfg, event_shape=backbone.event_shape,
-        generator=generator, reference=method.reference, data=dataset, decode=method.decode,
-        true_reward=None if true_reward is None else true_reward.to(device), initial=method.eval_initial(),
-        device=device)
+        method.generate, reward.to(device), eval_cfg, generator=generator, data_generator=data_generator,
+        data=dataset, decode=method.decode, true_reward=None if true_reward is None else true_reward.to(device))
     for name, r in (("oracle", reward), ("true_oracle", true_reward)):
         for key, value in (getattr(r, "summary", None) or {}).items():
             if key.endswith("r2"):

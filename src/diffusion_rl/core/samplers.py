@@ -114,16 +114,20 @@ class Sampler:
         cond: Any = None,
         reference: Policy | None = None,
         grad_window: GradWindow | None = None,
+        window_generator: torch.Generator | None = None,
         checkpoint_steps: bool = False,
         device: torch.device | str = "cpu",
     ) -> Trajectory:
-        """Simulate ``K`` steps from ``x_init`` (or a prior draw of ``batch_size x event_shape``)."""
+        """Simulate ``K`` steps from ``x_init`` (or a prior draw of ``batch_size x event_shape``).
+
+        ``generator`` draws the chain's noise on its device; ``window_generator`` (a CPU
+        generator, default ``generator``) draws a random-K window's length."""
         if x_init is None:
             x = self.process.prior_sample((batch_size, *event_shape), generator=generator, device=device)
         else:
             x = x_init
         B, K = x.shape[0], self.num_steps
-        grad_start = (grad_window or GradWindow()).start(K, generator)
+        grad_start = (grad_window or GradWindow()).start(K, window_generator or generator)
         times = self.times.to(x.device)
 
         states, outputs, means, stds, noises, kls = [x], [], [], [], [], []

@@ -58,6 +58,21 @@ class Trajectory:
         return self.kl.sum(0)
 
 
+@dataclass
+class Generation:
+    """What a method's ``generate(n, generator, cond)`` returns to the shared evaluation.
+
+    ``states`` are the final states (what ``decode`` reads: vectors, relaxed one-hot
+    sequences, latents); ``kl_terms`` are per-sample KL estimates to the pretrained model,
+    each ``[n]`` (``kl_path`` for one chain; ELEGANT adds ``kl_init``); their sum is the
+    reported ``kl_div``. A method that is not one chain (particles, value-guided sampling,
+    an exact optimum) returns the same record.
+    """
+
+    states: Tensor  #: [n, *E]
+    kl_terms: dict[str, Tensor]  #: name -> [n]
+
+
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """Isotropic Gaussian log density summed over event dims.
 

@@ -179,30 +179,6 @@ class Guidance(FineTuneMethod):
         self.backbone.requires_grad_(False)
         self.register_buffer("label_threshold", torch.tensor(float("nan")))
         self.register_buffer("label_strict", torch.tensor(False))
-        self._data_generator: torch.Generator | None = None
-        self._pending_data_state: Tensor | None = None
-
-    # --- randomness of the data draws --------------------------------------------------------
-    @property
-    def data_generator(self) -> torch.Generator:
-        """Data sets draw on the CPU: ``self.generator`` there, else a CPU generator of the same seed."""
-        if self.generator.device.type == "cpu":
-            return self.generator
-        if self._data_generator is None:
-            self._data_generator = torch.Generator().manual_seed(self.seed + self.global_rank)
-            if self._pending_data_state is not None:
-                self._data_generator.set_state(self._pending_data_state)
-        return self._data_generator
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._data_generator is not None:
-            checkpoint["data_generator_state"] = self._data_generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._pending_data_state = checkpoint.get("data_generator_state")
-        self._data_generator = None
 
     # --- labels ------------------------------------------------------------------------------
     def _draw_data(self, n: int) -> Tensor:
