@@ -99,7 +99,7 @@ def test_guided_score_adds_gamma_times_classifier_log_gradient():
 
     x, s, gamma = torch.randn(5, 3, 4), torch.rand(5), 2.5
     with torch.no_grad():  # as in the shared evaluation
-        guided = GuidedScore(Flat(), classifier, gamma)(x, s)
+        guided = GuidedScore(Flat(), classifier, gamma, VPProcess())(x, s)
     assert not guided.requires_grad
     # independent autograd: per-sample derivative of log sigmoid(logit) (a Jacobian row each)
     expected = torch.stack([
@@ -196,7 +196,7 @@ def test_needs_a_dataset_and_a_gaussian_score_process():
     with pytest.raises(ValueError, match="needs a dataset"):
         Guidance(MLPBackbone(2, hidden=8), EulerMaruyama(OUProcess(T=1.0), 4), BoxIndicator([0.0, 0.0], [1.0, 1.0]),
                  iterations=1, batch_size=4, lr=1e-3)
-    with pytest.raises(ValueError, match="score-parametrised"):
+    with pytest.raises(ValueError, match="predicts a drift"):
         build(process=BrownianBridgeProcess())
 
 

@@ -55,7 +55,8 @@ class GradWindow:
 
 
 class Sampler:
-    """Base sampler over the uniform grid ``s_k = T - k (T - t_min) / K``, ``k = 0..K``."""
+    """Base sampler over the process's time grid ``s_0 = T > s_1 > ... > s_K`` (uniform for
+    the continuous SDEs, a subset of the training timesteps for the discrete VP chain)."""
 
     stochastic: bool = True
 
@@ -69,10 +70,11 @@ class Sampler:
         # coordinate), enough to flip the argmax of a one-hot state; the step is then
         # deterministic, so it adds no log-probability and its KL is the control cost.
         self.final_noise = bool(final_noise)
-        self.times = torch.linspace(process.T, process.t_min, self.num_steps + 1)
+        self.times = process.time_grid(self.num_steps)
 
     @property
     def dt(self) -> float:
+        """The first step's size (the only one, on a uniform grid)."""
         return float(self.times[0] - self.times[1])
 
     def _grid(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,10 +212,12 @@ class ODEEuler(Sampler):
 class DDIM(Sampler):
     """DDIM(eta) written for any Gaussian marginal ``x_s = alpha x_0 + sigma eps``.
 
-    The score gives ``eps_hat = -sigma score`` and ``x0_hat = (x + sigma^2 score) / alpha``;
-    the step to ``s'`` is ``alpha' x0_hat + sqrt(sigma'^2 - std^2) eps_hat + std noise`` with
+    The process turns the network output into ``eps_hat`` and Tweedie's ``x0_hat``
+    (:meth:`ForwardProcess.to_eps`, :meth:`ForwardProcess.denoise`); the step to ``s'`` is
+    ``alpha' x0_hat + sqrt(sigma'^2 - std^2) eps_hat + std noise`` with
     ``std^2 = eta^2 sigma'^2 (sigma^2 - (alpha / alpha')^2 sigma'^2) / sigma^2``, the DDPM
     posterior variance scaled by ``eta^2`` (eta = 0: deterministic DDIM; eta = 1: DDPM).
+    On the discrete VP chain this is diffusers' ``DDIMScheduler.step`` (tested against it).
     """
 
     def __init__(self, process: ForwardProcess, num_steps: int, eta: float = 0.0, final_noise: bool = True):
@@ -225,11 +229,12 @@ class DDIM(Sampler):
 
     def transition(self, x, k, output):
         times = self.times.to(x.device)
-        a, sig = self.process.marginal_coeffs(times[k])
+        s = times[k]
+        a, sig = self.process.marginal_coeffs(s)
         a_next, sig_next = self.process.marginal_coeffs(times[k + 1])
         post_var = sig_next**2 * (sig**2 - (a / a_next) ** 2 * sig_next**2) / sig**2
         var = (self.eta**2 * post_var).clamp_min(0)
-        eps_hat = -_bcast(sig, x) * output
-        x0_hat = (x + _bcast(sig**2, x) * output) / _bcast(a, x)
+        eps_hat = self.process.to_eps(x, s, output)
+        x0_hat = self.process.denoise(x, s, output)
         mean = _bcast(a_next, x) * x0_hat + _bcast((sig_next**2 - var).clamp_min(0).sqrt(), x) * eps_hat
         return mean, var.sqrt()
