@@ -62,6 +62,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, epochs: int, loggers: list, ch
                        enable_checkpointing=checkpoint, default_root_dir=run_dir)
 
 
+def pretrain_config(cfg: DictConfig) -> dict:
+    """The parts of ``cfg`` that define a pretrained backbone (its cache key)."""
+    # the genuine-reward oracle a dataset may carry (GFP's proxy) does not change the data
+    data = OmegaConf.to_container(cfg.dataset, resolve=True)
+    data.pop("true_oracle", None)
+    trainer = {k: cfg.trainer[k] for k in FIT_TRAINER_KEYS if k in cfg.trainer}
+    return {"dataset": data, "process": cfg.process, "backbone": cfg.backbone, "pretrain": cfg.pretrain,
+            "trainer": trainer}
+
+
 def pretrained_backbone(cfg: DictConfig, dataset, process):
     """The pretrained backbone for this (dataset, process, backbone, pretrain) — trained once,
     then loaded from ``<cache_dir>/pretrain/<key>/backbone.pt`` by every run of a sweep.
@@ -73,12 +83,6 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
         # without a pretrain option only loose keys can remain (debug=smoke's shrunk budget)
         log.info("pretrain: none; the backbone is used as instantiated")
         return backbone
-    # the genuine-reward oracle a dataset may carry (GFP's proxy) does not change the data
-    data = OmegaConf.to_container(cfg.dataset, resolve=True)
-    data.pop("true_oracle", None)
-    trainer = {k: cfg.trainer[k] for k in FIT_TRAINER_KEYS if k in cfg.trainer}
-    defining = {"dataset": data, "process": cfg.process, "backbone": cfg.backbone, "pretrain": spec,
-                "trainer": trainer}
 
     def fit(folder: Path) -> None:
         module = instantiate(spec, backbone=backbone, process=process, dataset=dataset)
@@ -92,7 +96,7 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
         backbone.load_state_dict(torch.load(folder / "backbone.pt", map_location="cpu"))
         return backbone
 
-    return cached("pretrain", defining, cfg.paths.cache_dir, fit, load)
+    return cached("pretrain", pretrain_config(cfg), cfg.paths.cache_dir, fit, load)
 
 
 def build_reward(cfg: DictConfig, dataset):
