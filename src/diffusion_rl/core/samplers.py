@@ -16,11 +16,13 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .conditioning import Cond, check_cond, repeat_cond
 from .processes import ForwardProcess, _bcast
 from .trajectory import Trajectory
 
-#: ``policy(x [B, *E], s [B], cond) -> output [B, *E]``: a backbone, or a wrapper around one
-Policy = Callable[[Tensor, Tensor, Any], Tensor]
+#: ``policy(x [B, *E], s [B], cond) -> output [B, *E]``: a backbone, or a wrapper around one;
+#: ``cond`` is ``None`` or a mapping of per-chain tensors (:mod:`.conditioning`)
+Policy = Callable[[Tensor, Tensor, Cond], Tensor]
 
 
 @dataclass
@@ -113,7 +115,7 @@ class Sampler:
         generator: torch.Generator | None = None,
         x_init: Tensor | None = None,
         event_shape: tuple[int, ...] | None = None,
-        cond: Any = None,
+        cond: Cond = None,
         reference: Policy | None = None,
         grad_window: GradWindow | None = None,
         window_generator: torch.Generator | None = None,
@@ -129,6 +131,7 @@ class Sampler:
         else:
             x = x_init
         B, K = x.shape[0], self.num_steps
+        check_cond(cond, B)
         grad_start = (grad_window or GradWindow()).start(K, window_generator or generator)
         times = self.times.to(x.device)
 
@@ -164,28 +167,33 @@ class Sampler:
             kl=torch.stack(kls) if kls else None, grad_start=grad_start, cond=cond,
         )
 
-    def _step(self, policy: Policy, x: Tensor, k: Tensor, s: Tensor, cond: Any):
+    def _step(self, policy: Policy, x: Tensor, k: Tensor, s: Tensor, cond: Cond):
         out = policy(x, s, cond)
         mean, std = self.transition(x, k, out)
         return out, mean, std
 
-    def recompute_means(self, policy: Policy, traj: Trajectory) -> Tensor:
-        """``[K, B, *E]`` transition means of the recorded states under ``policy``, all steps in
-        one batched call (PPO-style ratios need them under the current parameters)."""
-        K, B = traj.num_steps, traj.states.shape[1]
-        x = traj.states[:-1].detach().flatten(0, 1)
-        k = torch.arange(K, device=x.device).repeat_interleave(B)
-        out = policy(x, self.times.to(x.device)[k], _repeat_cond(traj.cond, K))
+    def recompute_means(self, policy: Policy, traj: Trajectory, steps: range | None = None,
+                        chunk_steps: int | None = None) -> Tensor:
+        """``[k, B, *E]`` transition means of the recorded states at ``steps`` (default: all K)
+        under ``policy`` — PPO-style ratios and DPOK's KL need them under other parameters.
+
+        Each call of the policy batches ``chunk_steps`` steps x B chains (default: all the
+        steps asked for, one call); for a large backbone keep it small, or ask for a few
+        ``steps`` at a time and backpropagate each (the policy-gradient methods do)."""
+        steps = range(traj.num_steps) if steps is None else steps
+        chunk = len(steps) if chunk_steps is None else int(chunk_steps)
+        if chunk < 1:
+            raise ValueError(f"chunk_steps must be >= 1 (got {chunk_steps})")
+        means = [self._recompute(policy, traj, steps[i:i + chunk]) for i in range(0, len(steps), chunk)]
+        return means[0] if len(means) == 1 else torch.cat(means)
+
+    def _recompute(self, policy: Policy, traj: Trajectory, steps: range) -> Tensor:
+        B, n = traj.states.shape[1], len(steps)
+        x = traj.states[steps.start:steps.stop].detach().flatten(0, 1)
+        k = torch.arange(steps.start, steps.stop, device=x.device).repeat_interleave(B)
+        out = policy(x, self.times.to(x.device)[k], repeat_cond(traj.cond, n))
         mean, _ = self.transition(x, k, out)
-        return mean.reshape(traj.means.shape)
-
-
-def _repeat_cond(cond: Any, K: int) -> Any:
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond.repeat(K, *([1] * (cond.dim() - 1)))
-    raise TypeError("batched recomputation supports tensor conditioning only")
+        return mean.reshape(n, *traj.means.shape[1:])
 
 
 class EulerMaruyama(Sampler):

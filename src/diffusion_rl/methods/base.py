@@ -134,6 +134,10 @@ class FineTuneMethod(L.LightningModule):
         opt = optimiser or self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self.clip_and_step(opt)
+
+    def clip_and_step(self, opt) -> None:
+        """Gradient-norm clipping (``max_grad_norm``) and the step, after one or several backwards."""
         if self.max_grad_norm is not None:
             params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
