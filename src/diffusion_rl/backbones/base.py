@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor, nn
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..nets import mlp
 from .base import Backbone
-
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class MLPBackbone(Backbone):
@@ -15,12 +14,8 @@ class MLPBackbone(Backbone):
                  out_dim: int | None = None):
         super().__init__()
         self.event_shape = (dim,)
-        layers, width = [], dim + 1  # time enters as one extra input feature
-        for act in activations:
-            layers += [nn.Linear(width, hidden), _ACTIVATIONS[act]()]
-            width = hidden
-        layers.append(nn.Linear(width, dim if out_dim is None else out_dim))
-        self.net = nn.Sequential(*layers)
+        # time enters as one extra input feature
+        self.net = mlp(dim + 1, [hidden] * len(activations), dim if out_dim is None else out_dim, activations)
 
     def forward(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
         return self.net(torch.cat([x, s.reshape(-1, 1).to(x.dtype)], dim=-1))

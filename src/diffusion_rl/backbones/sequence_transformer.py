@@ -34,33 +34,14 @@ The output is the score itself (``process.prediction_type: score``, converted by
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
+from ..nets import SinusoidalTimeFeatures
 from .base import Backbone
 
 __all__ = ["SinusoidalTimeFeatures", "SequenceTransformerBackbone"]
-
-
-class SinusoidalTimeFeatures(nn.Module):
-    """``s [B] -> [B, dim]``: ``[sin(w_k c s), cos(w_k c s)]`` with ``w_k = 10000^{-k/(dim/2)}``."""
-
-    freqs: Tensor
-
-    def __init__(self, dim: int, time_scale: float = 1000.0, max_period: float = 10000.0):
-        super().__init__()
-        if dim <= 0 or dim % 2:
-            raise ValueError(f"time feature dim must be a positive even number (got {dim})")
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
-        self.time_scale = float(time_scale)
-
-    def forward(self, s: Tensor) -> Tensor:
-        args = self.time_scale * s.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
-        return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
 class SequenceTransformerBackbone(Backbone):

@@ -44,9 +44,9 @@ def repeat_cond(cond: Cond, times: int) -> Cond:
 
 
 class ConditionSource:
-    """Where a method's chains get their conditioning: ``sample(n, generator) -> Cond``.
-    ``generator`` is the method's CPU ``data_generator`` (a prompt sampler draws indices);
-    the source moves its tensors to ``device``."""
+    """Where a method's chains get their conditioning: ``sample(n, generator, device) -> Cond``.
+    The source draws on ``generator``'s own device (training passes the method's CPU
+    ``data_generator``, the evaluation its chain generator) and returns tensors on ``device``."""
 
     def sample(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Cond:
         raise NotImplementedError

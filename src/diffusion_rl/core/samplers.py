@@ -8,9 +8,8 @@ through the steps of a :class:`GradWindow`, optionally checkpointed step by step
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor

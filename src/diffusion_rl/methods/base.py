@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone
+from ..core.conditioning import ConditionSource, Unconditional
 from ..core.samplers import GradWindow, Sampler
 from ..core.trajectory import Generation, Trajectory
 from ..evaluation.diversity import mean_pairwise_levenshtein
@@ -41,7 +42,7 @@ class FineTuneMethod(L.LightningModule):
     def __init__(self, backbone: Backbone, sampler: Sampler, reward: Reward, *, iterations: int,
                  batch_size: int, lr: float, seed: int = 0, iterations_per_epoch: int = 50,
                  grad_window: dict | None = None, checkpoint_steps: bool = False, dataset=None,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, condition_source: ConditionSource | None = None):
         super().__init__()
         for key, v in (("iterations", iterations), ("batch_size", batch_size), ("iterations_per_epoch", iterations_per_epoch)):
             if v < 0 or (v == 0 and key != "iterations"):
@@ -57,6 +58,8 @@ class FineTuneMethod(L.LightningModule):
         self.grad_window = GradWindow(**(grad_window or {}))
         self.checkpoint_steps = checkpoint_steps
         self.max_grad_norm = max_grad_norm
+        # prompts for text-to-image backbones; the unconditional tasks draw nothing
+        self.condition_source = condition_source or Unconditional()
         self.seed = seed
         # sequences decode through their task (GFP states are differences from the wild type)
         self.decode = getattr(dataset, "decode", None) or backbone.decode
@@ -106,6 +109,8 @@ class FineTuneMethod(L.LightningModule):
     def rollout(self, policy=None, *, with_reference: bool = True, grad: bool = False, **kw) -> Trajectory:
         """A batch of chains from the current backbone (or ``policy``), recording KL to the
         pretrained chain; gradients flow through the configured window when ``grad``."""
+        if "cond" not in kw:
+            kw["cond"] = self.condition_source.sample(self.batch_size, self.data_generator, self.device)
         with torch.set_grad_enabled(grad):
             traj = self.sampler.rollout(
                 policy or self.backbone, self.batch_size, generator=self.generator,
@@ -157,6 +162,8 @@ class FineTuneMethod(L.LightningModule):
         only thing the shared evaluation asks of a method. Default: one rollout of
         :meth:`eval_policy` on the configured sampler. Methods that are not one chain
         (ELEGANT's two chains, particle samplers, value-guided sampling) override it."""
+        if cond is None:
+            cond = self.condition_source.sample(n, generator, generator.device)
         traj = self.sampler.rollout(self.eval_policy(), n, generator=generator, event_shape=self.backbone.event_shape,
                                     cond=cond, reference=self.reference, device=generator.device)
         return Generation(traj.final, {"kl_path": traj.path_kl()})

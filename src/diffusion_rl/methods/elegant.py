@@ -30,7 +30,6 @@ a learned gain that starts at 0, so stage 2 starts exactly at the reference SDE)
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
@@ -39,24 +38,10 @@ from torch import Tensor, nn
 from ..core.processes import StationaryOUProcess
 from ..core.samplers import EulerMaruyama, GradWindow
 from ..core.trajectory import Generation
+from ..nets import FlatMLP
 from .reward_backprop import RewardBackprop
 
 PHASES = ("value", "initial", "drift")
-
-
-class ValueNet(nn.Module):
-    """``v(x_0)``: flatten -> (Linear, SiLU) x len(hidden) -> Linear -> ``[B]``."""
-
-    def __init__(self, event_shape: Sequence[int], hidden: Sequence[int] = (256, 256)):
-        super().__init__()
-        layers, width = [], math.prod(event_shape)
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.SiLU()]
-            width = int(h)
-        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1)).squeeze(-1)
 
 
 class InitialControl(nn.Module):
@@ -102,7 +87,7 @@ class ELEGANT(RewardBackprop):
         self.alpha = kl_weight  # ELEGANT's alpha
         self.phase_ends = (n_value, n_value + n_initial, self.iterations)
         self.value_lr, self.initial_lr = value_lr, initial_lr
-        self.value_net = ValueNet(self.backbone.event_shape, value_hidden)
+        self.value_net = FlatMLP(self.backbone.event_shape, value_hidden)  # v(x_0) -> [B]
         _, prior_std = self.sampler.process.marginal_coeffs(torch.tensor(self.sampler.process.T))
         init_process = StationaryOUProcess(T=initial_T, std=float(prior_std))
         self.initial_sampler = EulerMaruyama(init_process, initial_steps)

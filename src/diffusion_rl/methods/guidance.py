@@ -46,61 +46,21 @@ What the paper leaves unspecified, and our choices
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.sequence_transformer import SinusoidalTimeFeatures
 from ..core.processes import ForwardProcess, _bcast
+from ..nets import TimeConditionedMLP
 from .base import FineTuneMethod
 
 __all__ = ["TimeConditionedClassifier", "GuidedScore", "Guidance"]
 
-_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
-
-
-class TimeConditionedClassifier(nn.Module):
-    """``(x [B, *E], s [B]) -> logit [B]`` of ``p(y = 1 | x_s = x, s)``.
-
-    Args:
-        event_shape: shape of one sample, e.g. ``(1,)``, ``(2,)`` or ``(L, V)``.
-        hidden: widths of the hidden layers.
-        time_dim: number of sinusoidal time features (even).
-        time_scale: the sinusoids see ``time_scale * s`` (1000 maps VP's ``[0, 1]`` to DDPM steps).
-        activation: ``silu`` or ``relu``.
-    """
-
-    def __init__(self, event_shape: Sequence[int], hidden: Sequence[int] = (256, 256), time_dim: int = 32,
-                 time_scale: float = 1000.0, activation: str = "silu"):
-        super().__init__()
-        self.event_shape = tuple(int(d) for d in event_shape)
-        if not self.event_shape or any(d <= 0 for d in self.event_shape):
-            raise ValueError(f"classifier event_shape must be non-empty with positive sizes (got {event_shape})")
-        if any(int(h) <= 0 for h in hidden):
-            raise ValueError(f"method.classifier_hidden must hold positive widths (got {list(hidden)})")
-        if time_scale <= 0:
-            raise ValueError(f"method.time_scale must be > 0 (got {time_scale})")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"classifier activation must be one of {sorted(_ACTIVATIONS)} (got {activation!r})")
-        self.time_features = SinusoidalTimeFeatures(time_dim, time_scale)
-        layers: list[nn.Module] = []
-        width = math.prod(self.event_shape) + time_dim
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), _ACTIVATIONS[activation]()]
-            width = int(h)
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        n = len(self.event_shape)
-        if tuple(x.shape[-n:]) != self.event_shape:
-            raise ValueError(f"expected x [B, {', '.join(map(str, self.event_shape))}], got {tuple(x.shape)}")
-        s = torch.as_tensor(s, device=x.device).reshape(-1).expand(x.shape[0])
-        h = torch.cat([x.flatten(1), self.time_features(s).to(x.dtype)], dim=-1)
-        return self.net(h).squeeze(-1)
+class TimeConditionedClassifier(TimeConditionedMLP):
+    """``(x [B, *E], s [B]) -> logit [B]`` of ``p(y = 1 | x_s = x, s)``: an MLP on
+    ``[flatten(x), sinusoidal features of time_scale * s]`` (widths ``hidden``)."""
 
 
 class GuidedScore(nn.Module):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..cache import cached
 from ..data.sequences import SequenceData, one_hot
 from ..data.tfbind8 import TFBind8ExactLookup
+from ..nets import mlp
 from .base import Reward
 
 __all__ = ["MLPOracle", "OracleRegression", "OracleReward", "ExactLookupReward", "trained_oracle"]
@@ -54,15 +55,7 @@ class MLPOracle(nn.Module):
         if output_activation not in (None, "sigmoid"):
             raise ValueError(f"oracle.output_activation must be 'sigmoid' or None (got {output_activation!r})")
         self.length, self.vocab_size = int(length), int(vocab_size)
-        layers: list[nn.Module] = []
-        width = self.length * self.vocab_size
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.ReLU()]
-            width = int(h)
-        layers.append(nn.Linear(width, 1))
-        if output_activation == "sigmoid":
-            layers.append(nn.Sigmoid())
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(self.length * self.vocab_size, hidden, 1, "relu", output_activation)
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
