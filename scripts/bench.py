@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py [--only chain_memory|tables|diversity|elegant_table3]`` → ``outputs/bench/*.json``.
+"""Benchmarks: ``python scripts/bench.py [--only chain_memory|pg_memory|tables|diversity|elegant_table3]`` → ``outputs/bench/*.json``.
 
 * ``chain_memory``: memory and time of backpropagating a reward through a 5- vs 50-step
   Euler–Maruyama chain, with and without per-step gradient checkpointing. Memory is the
@@ -7,6 +7,12 @@
   memory above the baseline. (With checkpointing, the ops inside a step save through the
   checkpoint's own hooks, so they are — rightly — not counted: they are recomputed; what each
   checkpoint keeps, its input state ``[B, d]``, is small.)
+* ``pg_memory``: peak memory of one DDPO and one DPOK update (rollout, PPO steps, backward)
+  on the ELEGANT TFBind8 transformer backbone at 50 vs 5 steps, with the whole chain
+  backpropagated at once (``steps_per_backward: null``) and one step at a time (``1``; goal
+  50/5 <= 1.5x). Memory is the peak of the bytes autograd holds alive (unique storages saved
+  for backward, freed when the graph is) plus the recorded trajectory; on a GPU also the peak
+  allocated memory above the baseline.
 * ``tables``: wall time of the full ``qlearning_table3`` and ``qlearning_table4`` runs from
   empty run and cache folders (about 20 minutes on 2 cores).
 * ``diversity``: seconds to compute ELEGANT's Div (mean pairwise Levenshtein distance, rapidfuzz)
@@ -29,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -124,6 +131,104 @@ def chain_memory(batch: int, hidden: int) -> dict:
             "ratio_checkpoint_over_plain_50": by[(50, True)] / by[(50, False)]}
 
 
+# --- (a') policy-gradient update memory ---------------------------------------------------------
+class LiveSavedBytes:
+    """``saved_tensors_hooks`` that track the bytes of the storages autograd holds *alive*:
+    each packed tensor is wrapped, and the wrapper's finaliser releases its storage when the
+    graph that saved it is freed; ``peak`` is the maximum over the update."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.live, self.current, self.peak = exclude, {}, 0, 0
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.exclude:
+            return t
+        nbytes, count = self.live.get(ptr, (storage.nbytes(), 0))
+        if count == 0:
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        self.live[ptr] = (nbytes, count + 1)
+        holder = _Holder(t)
+        weakref.finalize(holder, self._release, ptr)
+        return holder
+
+    def _release(self, ptr: int) -> None:
+        nbytes, count = self.live[ptr]
+        if count == 1:
+            del self.live[ptr]
+            self.current -= nbytes
+        else:
+            self.live[ptr] = (nbytes, count - 1)
+
+    @staticmethod
+    def unpack(holder):
+        return holder.tensor if isinstance(holder, _Holder) else holder
+
+
+class _Holder:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def pg_update_memory(method_name: str, steps: int, steps_per_backward: int | None, batch: int, device) -> dict:
+    import lightning as L
+
+    from diffusion_rl.backbones.sequence_transformer import SequenceTransformerBackbone
+    from diffusion_rl.core.processes import VPProcess
+    from diffusion_rl.methods.ddpo import DDPO
+    from diffusion_rl.methods.dpok import DPOK
+
+    cls = {"ddpo": DDPO, "dpok": DPOK}[method_name]
+    torch.manual_seed(0)  # benchmark script: the backbone's initial weights
+    backbone = SequenceTransformerBackbone(8, 4, d_model=64, nhead=4, num_layers=2, time_dim=64)
+    reward = _SequenceReward()
+    method = cls(backbone, EulerMaruyama(VPProcess(), steps), reward, iterations=1, batch_size=batch, lr=1e-4,
+                 iterations_per_epoch=1, minibatches=1, steps_per_backward=steps_per_backward)
+    trainer = L.Trainer(max_epochs=1, accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    params = {p.untyped_storage().data_ptr() for p in method.parameters()}
+    tracker = LiveSavedBytes(params)
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        trainer.fit(method)
+    traj_bytes = 4 * steps * batch * 8 * 4 * 4  # states, outputs, means, noises: [K, B, 8, 4] float32
+    result = {"method": method_name, "steps": steps, "steps_per_backward": steps_per_backward,
+              "wall_seconds": time.perf_counter() - start, "peak_saved_tensor_bytes": tracker.peak,
+              "trajectory_bytes": traj_bytes, "peak_bytes": tracker.peak + traj_bytes}
+    if device.type == "cuda":
+        result["cuda_peak_bytes_above_baseline"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+class _SequenceReward(torch.nn.Module):
+    """A cheap reward on relaxed one-hot states (the memory of the oracle is not the point)."""
+
+    def forward(self, x):
+        return x.float().flatten(1).mean(-1) if x.is_floating_point() else x.float().mean(-1)
+
+
+def pg_memory(batch: int = 64) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = [pg_update_memory(m, steps, chunk, batch, device)
+            for m in ("ddpo", "dpok") for chunk in (None, 1) for steps in (5, 50)]
+    by = {(r["method"], r["steps_per_backward"], r["steps"]): r["peak_bytes"] for r in runs}
+    ratios = {f"{m}_{'chunk1' if c else 'whole'}": by[(m, c, 50)] / by[(m, c, 5)] for m in ("ddpo", "dpok") for c in (None, 1)}
+    return {**environment(device),
+            "setup": {"backbone": "SequenceTransformerBackbone(L=8, V=4, d_model=64, 2 layers) (ELEGANT TFBind8)",
+                      "batch": batch, "sampler": "EulerMaruyama on VP", "minibatches": 1},
+            "runs": runs, "ratio_50_over_5": ratios,
+            "ok": all(v <= 1.5 for k, v in ratios.items() if k.endswith("chunk1"))}
+
+
 # --- (b) tables wall time ----------------------------------------------------------------------
 def tables_wall_time() -> dict:
     bench = Path("outputs/bench")
@@ -181,7 +286,7 @@ def elegant_table3_wall_time() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("chain_memory", "tables", "diversity", "elegant_table3"),
+    parser.add_argument("--only", choices=("chain_memory", "pg_memory", "tables", "diversity", "elegant_table3"),
                         help="run one part (default: all)")
     parser.add_argument("--batch", type=int, default=2048, help="chains per rollout (chain_memory)")
     parser.add_argument("--hidden", type=int, default=1024, help="MLP width (chain_memory)")
@@ -197,6 +302,16 @@ def main() -> int:
                            f"{r['saved_tensor_bytes'] / 2**20:8.1f} MiB{cuda}, {r['wall_seconds']:.2f} s")
         summary.append(f"  50/5 steps (no checkpoint): x{res['ratio_50_over_5_no_checkpoint']:.1f}; "
                        f"checkpointed/plain at 50 steps: {res['ratio_checkpoint_over_plain_50']:.4f}")
+    if args.only in (None, "pg_memory"):
+        res = pg_memory()
+        path = write_json("pg_memory", res)
+        ok = ok and res["ok"]
+        summary.append(f"pg_memory ({res['device']}) -> {path}")
+        for r in res["runs"]:
+            summary.append(f"  {r['method']} {r['steps']:>2} steps, steps_per_backward={r['steps_per_backward']}: "
+                           f"peak {r['peak_bytes'] / 2**20:8.1f} MiB, {r['wall_seconds']:.2f} s")
+        summary.append("  50/5 steps: " + ", ".join(f"{k} x{v:.2f}" for k, v in res["ratio_50_over_5"].items())
+                       + " (goal <= 1.5 one step at a time)")
     if args.only in (None, "tables"):
         res = tables_wall_time()
         path = write_json("tables_wall_time", res)
