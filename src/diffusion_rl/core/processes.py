@@ -40,6 +40,17 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 PREDICTION_TYPES = ("score", "eps", "v", "x0", "drift")
 
 
+#: prediction type -> (eps, x0) as functions of (x, output, alpha, sigma), for x = alpha x0 + sigma eps;
+#: v = alpha eps - sigma x0 (Salimans & Ho 2022), inverted for any alpha^2 + sigma^2
+_EPS_AND_X0 = {
+    "score": (lambda x, out, a, sig: -sig * out, lambda x, out, a, sig: (x + sig**2 * out) / a),
+    "eps": (lambda x, out, a, sig: out, lambda x, out, a, sig: (x - sig * out) / a),
+    "x0": (lambda x, out, a, sig: (x - a * out) / sig, lambda x, out, a, sig: out),
+    "v": (lambda x, out, a, sig: (sig * x + a * out) / (a**2 + sig**2),
+          lambda x, out, a, sig: (a * x - sig * out) / (a**2 + sig**2)),
+}
+
+
 class ForwardProcess:
     """Base class. Subclasses define ``f``, ``g`` and, when Gaussian, ``marginal_coeffs``."""
 
@@ -106,32 +117,17 @@ class ForwardProcess:
 
     def to_eps(self, x: Tensor, s: Tensor, output: Tensor) -> Tensor:
         """The noise ``eps`` of ``x = alpha x_0 + sigma eps`` estimated by ``output``."""
-        kind = self.prediction_type
-        if kind == "drift":
-            raise ValueError(f"{type(self).__name__}: a drift prediction has no noise estimate")
-        alpha, sigma = self._coeffs(x, s)
-        if kind == "score":
-            return -sigma * output
-        if kind == "eps":
-            return output
-        if kind == "x0":
-            return (x - alpha * output) / sigma
-        # v = alpha eps - sigma x_0 (Salimans & Ho 2022), for any alpha^2 + sigma^2
-        return (sigma * x + alpha * output) / (alpha**2 + sigma**2)
+        return self._convert(x, s, output, 0, "noise")
 
     def denoise(self, x: Tensor, s: Tensor, output: Tensor) -> Tensor:
         """Tweedie's estimate ``E[x_0 | x_s = x]`` from a network output."""
-        kind = self.prediction_type
-        if kind == "drift":
-            raise ValueError(f"{type(self).__name__}: a drift prediction has no Tweedie estimate")
+        return self._convert(x, s, output, 1, "Tweedie")
+
+    def _convert(self, x: Tensor, s: Tensor, output: Tensor, which: int, what: str) -> Tensor:
+        if self.prediction_type not in _EPS_AND_X0:
+            raise ValueError(f"{type(self).__name__}: a {self.prediction_type} prediction has no {what} estimate")
         alpha, sigma = self._coeffs(x, s)
-        if kind == "score":
-            return (x + sigma**2 * output) / alpha
-        if kind == "eps":
-            return (x - sigma * output) / alpha
-        if kind == "x0":
-            return output
-        return (alpha * x - sigma * output) / (alpha**2 + sigma**2)  # v
+        return _EPS_AND_X0[self.prediction_type][which](x, output, alpha, sigma)
 
     def from_score(self, x: Tensor, s: Tensor, score: Tensor) -> Tensor:
         """The network output of this prediction type that corresponds to ``score`` (the inverse
