@@ -3,7 +3,8 @@
 Run outputs contract (read by ``scripts/make_table.py`` and other tools), all in ``run_dir``:
 ``config.yaml`` (composed config), ``metrics.json`` (flat final numbers), ``metrics.csv``
 (curves, Lightning CSV logger), ``samples.npy`` (final evaluation samples; decoded tokens
-``[N, L]`` for sequences), ``rewards.npy`` (their nominal rewards ``[N]``), ``last.ckpt``.
+``[N, L]`` for sequences; images: a bounded number, plus ``samples.png``; evaluation/samples.py),
+``rewards.npy`` (their nominal rewards), ``last.ckpt``.
 """
 
 from __future__ import annotations
