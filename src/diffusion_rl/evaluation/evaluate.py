@@ -38,26 +38,28 @@ def sample_kind(dataset) -> str:
     return kind
 
 
-def build_metrics(compute: Mapping, select: Sequence[str] | None, kind: str) -> list[Metric]:
-    """The metric objects of ``eval.compute`` (name -> ``{_target_: ...}``) for a run whose
-    samples are of ``kind``: every one that reads ``kind`` (``select`` null), or exactly the
-    names in ``select``, where one that cannot read ``kind`` is an error (``ValueError``,
-    raised before anything is instantiated or computed)."""
+def metric_names(compute: Mapping, select: Sequence[str] | None, kind: str) -> list[str]:
+    """The names of ``eval.compute`` (name -> ``{_target_: ...}``) a run whose samples are of
+    ``kind`` evaluates: every one that reads ``kind`` (``select`` null), or exactly those in
+    ``select``, where one that cannot read ``kind`` is a ``ValueError``. Reads only the
+    classes' ``kinds``, so a config check can call it before anything is built."""
     if kind not in SAMPLE_KINDS:
         raise ValueError(f"sample kind must be one of {', '.join(SAMPLE_KINDS)} (got {kind!r})")
-    specs = {name: spec for name, spec in compute.items() if spec is not None}
-    kinds = {name: get_class(spec["_target_"]).kinds for name, spec in specs.items()}
+    kinds = {name: get_class(spec["_target_"]).kinds for name, spec in compute.items() if spec is not None}
     if select is None:
-        names = [name for name in specs if kind in kinds[name]]
-    else:
-        names = list(select)
-        for name in names:
-            if name not in specs:
-                raise ValueError(f"eval.select: no metric {name!r} in eval.compute (known: {', '.join(specs)})")
-            if kind not in kinds[name]:
-                raise ValueError(f"eval.select: metric {name!r} reads {' / '.join(kinds[name])} samples, "
-                                 f"but this run's samples are {kind}")
-    return [instantiate(specs[name], name=name) for name in names]
+        return [name for name in kinds if kind in kinds[name]]
+    for name in select:
+        if name not in kinds:
+            raise ValueError(f"eval.select: no metric {name!r} in eval.compute (known: {', '.join(kinds)})")
+        if kind not in kinds[name]:
+            raise ValueError(f"eval.select: metric {name!r} reads {' / '.join(kinds[name])} samples, "
+                             f"but this run's samples are {kind}")
+    return list(select)
+
+
+def build_metrics(compute: Mapping, select: Sequence[str] | None, kind: str) -> list[Metric]:
+    """The metric objects :func:`metric_names` picks, instantiated (each gets its ``name``)."""
+    return [instantiate(compute[name], name=name) for name in metric_names(compute, select, kind)]
 
 
 @torch.no_grad()
