@@ -3,7 +3,8 @@
 Run outputs contract (read by ``scripts/make_table.py`` and other tools), all in ``run_dir``:
 ``config.yaml`` (composed config), ``metrics.json`` (flat final numbers), ``metrics.csv``
 (curves, Lightning CSV logger), ``samples.npy`` (final evaluation samples; decoded tokens
-``[N, L]`` for sequences), ``rewards.npy`` (their nominal rewards ``[N]``), ``last.ckpt``.
+``[N, L]`` for sequences; images: a bounded number, plus ``samples.png``; evaluation/samples.py),
+``rewards.npy`` (their nominal rewards), ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import cached
-from .evaluation.evaluate import EvalConfig, evaluate
+from .evaluation.evaluate import EvalConfig, build_metrics, evaluate, sample_kind
+from .evaluation.samples import write_samples
 from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     dataset = instantiate(cfg.dataset)  # cheap constructors first: their range checks fail before any write
     process = instantiate(cfg.process)
     sampler = instantiate(cfg.sampler, process=process)
+    kind = sample_kind(dataset)  # a requested metric that cannot read it fails here, before any compute
+    eval_metrics = build_metrics(cfg.eval.compute, cfg.eval.get("select"), kind)
     reward = build_reward(cfg, dataset)  # an oracle is fitted (or loaded) here, into the cache
     backbone = pretrained_backbone(cfg, dataset, process)  # writes only to the cache
     method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset, seed=cfg.seed)
@@ -174,7 +177,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             _prepend_csv(earlier, curves)
         device = trainer.strategy.root_device
     else:
-        device = torch.device("cpu")
+        # the device a fit would use (Pretrained rows evaluate where the others do); nothing is fitted
+        device = build_trainer(cfg, run_dir, 0, [], checkpoint=False).strategy.root_device
         torch.save({"state_dict": method.state_dict()}, last)
 
     method.to(device).eval()
@@ -184,8 +188,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.eval.seed), "data"))
     true_reward = dataset.true_reward() if hasattr(dataset, "true_reward") else None
     metrics, samples, rewards = evaluate(
-        method.generate, reward.to(device), eval_cfg, generator=generator, data_generator=data_generator,
-        data=dataset, decode=method.decode, true_reward=None if true_reward is None else true_reward.to(device))
+        method.generate, reward.to(device), eval_cfg, eval_metrics, kind=kind, generator=generator,
+        data_generator=data_generator, data=dataset, decode=method.decode,
+        true_reward=None if true_reward is None else true_reward.to(device))
     for name, r in (("oracle", reward), ("true_oracle", true_reward)):
         for key, value in (getattr(r, "summary", None) or {}).items():
             if key.endswith("r2"):
@@ -193,9 +198,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["wall_seconds"] = time.time() - start
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics
         metrics[key] = OmegaConf.select(cfg, key)
-    samples = samples.cpu().numpy()
-    np.save(run_dir / "samples.npy", samples.astype(np.float32 if samples.dtype.kind == "f" else np.int64))
-    np.save(run_dir / "rewards.npy", rewards.cpu().numpy().astype(np.float32))
+    write_samples(run_dir, samples, rewards, kind, eval_cfg.saved_images)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # last: marks the run finished
     log.info("metrics: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     return metrics

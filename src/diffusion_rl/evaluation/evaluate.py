@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
+from hydra.utils import get_class, instantiate
 from torch import Tensor
 
 from ..core.trajectory import Generation
-from .diversity import mean_pairwise_levenshtein
-from .metrics import knn_kl, mean_ci95
+from .metrics import SAMPLE_KINDS, EvalSamples, Metric, ci_key, mean_ci95
 
 
 @dataclass
 class EvalConfig:
-    """Mirrors ``conf/eval/*.yaml``: ``num_batches`` independent batches of ``batch_size``
-    samples; CIs are over the batch statistics (q-learning paper: 100 × 300)."""
+    """Mirrors ``eval.metrics`` in ``conf/eval/*.yaml`` (the budget): ``num_batches``
+    independent batches of ``batch_size`` samples; CIs are over the batch statistics
+    (q-learning paper: 100 × 300)."""
 
     num_batches: int = 100
     batch_size: int = 300
@@ -25,13 +26,46 @@ class EvalConfig:
     data_batch_size: int = 300
     #: samples simulated at once (memory bound for large backbones)
     chunk_size: int = 30000
-    #: sequences: mean pairwise Levenshtein distance within each batch (ELEGANT's "Div")
-    diversity: bool = True
+    #: images: how many of the samples are written (``samples.npy`` and the ``samples.png`` grid)
+    saved_images: int = 64
+
+
+def sample_kind(dataset) -> str:
+    """The kind of sample a data set's runs produce (its ``sample_kind``)."""
+    kind = getattr(dataset, "sample_kind", None)
+    if kind is None:  # data sets without the attribute yet: sequence tasks decode to tokens
+        kind = "tokens" if hasattr(dataset, "decode") else "vectors"
+    return kind
+
+
+def metric_names(compute: Mapping, select: Sequence[str] | None, kind: str) -> list[str]:
+    """The names of ``eval.compute`` (name -> ``{_target_: ...}``) a run whose samples are of
+    ``kind`` evaluates: every one that reads ``kind`` (``select`` null), or exactly those in
+    ``select``, where one that cannot read ``kind`` is a ``ValueError``. Reads only the
+    classes' ``kinds``, so a config check can call it before anything is built."""
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"sample kind must be one of {', '.join(SAMPLE_KINDS)} (got {kind!r})")
+    kinds = {name: get_class(spec["_target_"]).kinds for name, spec in compute.items() if spec is not None}
+    if select is None:
+        return [name for name in kinds if kind in kinds[name]]
+    for name in select:
+        if name not in kinds:
+            raise ValueError(f"eval.select: no metric {name!r} in eval.compute (known: {', '.join(kinds)})")
+        if kind not in kinds[name]:
+            raise ValueError(f"eval.select: metric {name!r} reads {' / '.join(kinds[name])} samples, "
+                             f"but this run's samples are {kind}")
+    return list(select)
+
+
+def build_metrics(compute: Mapping, select: Sequence[str] | None, kind: str) -> list[Metric]:
+    """The metric objects :func:`metric_names` picks, instantiated (each gets its ``name``)."""
+    return [instantiate(compute[name], name=name) for name in metric_names(compute, select, kind)]
 
 
 @torch.no_grad()
-def evaluate(generate: Callable[[int, torch.Generator], Generation], reward, cfg: EvalConfig, *,
-             generator: torch.Generator, data_generator: torch.Generator, data=None, decode=None,
+def evaluate(generate: Callable[[int, torch.Generator], Generation], reward, cfg: EvalConfig,
+             metrics: Sequence[Metric], *, kind: str, generator: torch.Generator,
+             data_generator: torch.Generator, data=None, decode=None,
              true_reward=None) -> tuple[dict[str, float], Tensor, Tensor]:
     """Returns flat metrics, the decoded samples ``[num_batches * batch_size, *E]`` (tokens
     ``[N, L]`` for sequences) and each sample's reward ``[N]``.
@@ -40,15 +74,9 @@ def evaluate(generate: Callable[[int, torch.Generator], Generation], reward, cfg
     (:meth:`FineTuneMethod.generate`); ``generator`` is passed to it (chain noise, on the
     method's device), ``data_generator`` (CPU) draws the data reference samples.
 
-    * ``reward_mean/_ci95``: reward of each batch, mean and 95% CI over batches;
-    * ``reward_true_mean/_ci95``: the same for the genuine reward, when one is given;
-    * one ``<term>/_ci95`` per KL term of the generation (``kl_path``: KL between the
-      generated and the pretrained chain; ``kl_init``: ELEGANT's learned initial
-      distribution, estimated by the path KL of the chain that generates it); ``kl_div``,
-      their sum, is ELEGANT's KL-Div, term (b2) of its eq. 5;
-    * ``kl_data/_ci95``: k-NN KL(generated ‖ data) per batch, for continuous samples when
-      ``data`` can be sampled;
-    * ``diversity/_ci95``: mean pairwise Levenshtein distance within a batch, for token samples.
+    ``metrics`` (:func:`build_metrics`) each give ``<name>`` and its ``_ci95``: the mean and
+    Student-t 95% half-width over the batches of one statistic per batch; a metric with
+    nothing to measure in this run (no genuine reward, no ``kl_init`` term) writes neither.
     """
     n = cfg.num_batches * cfg.batch_size
     samples, kl_terms = [], {}
@@ -59,25 +87,11 @@ def evaluate(generate: Callable[[int, torch.Generator], Generation], reward, cfg
             kl_terms.setdefault(name, []).append(values)
     x = torch.cat(samples)
     per_sample = reward(x)
-    metrics = {"n_samples": n}
-    metrics["reward_mean"], metrics["reward_ci95"] = _batch_mean(per_sample, cfg)
-    if true_reward is not None:
-        metrics["reward_true_mean"], metrics["reward_true_ci95"] = _batch_mean(true_reward(x), cfg)
-    for name, chunks in kl_terms.items():
-        metrics[name], metrics[f"{name}_ci95"] = _batch_mean(torch.cat(chunks), cfg)
-    if kl_terms:
-        metrics["kl_div"] = sum(metrics[name] for name in kl_terms)
-    tokens = not x.is_floating_point()
-    if tokens and cfg.diversity:
-        div = torch.tensor([mean_pairwise_levenshtein(b, workers=1) for b in x.reshape(cfg.num_batches, cfg.batch_size, -1).cpu()])
-        metrics["diversity"], metrics["diversity_ci95"] = mean_ci95(div)
-    if not tokens and data is not None and hasattr(data, "sample"):
-        ref = torch.stack([data.sample(cfg.data_batch_size, data_generator) for _ in range(cfg.num_batches)])
-        kl_batches = knn_kl(x.reshape(cfg.num_batches, cfg.batch_size, -1).cpu(), ref, cfg.knn_k)
-        metrics["kl_data"], metrics["kl_data_ci95"] = mean_ci95(kl_batches)
-    return metrics, x, per_sample
-
-
-def _batch_mean(values: Tensor, cfg: EvalConfig) -> tuple[float, float]:
-    """Mean over samples and the 95% CI over the ``num_batches`` batch means."""
-    return mean_ci95(values.float().reshape(cfg.num_batches, cfg.batch_size).mean(1))
+    batch = EvalSamples(x=x, kind=kind, rewards=per_sample, kl_terms={k: torch.cat(v) for k, v in kl_terms.items()},
+                        cfg=cfg, true_reward=true_reward, data=data, data_generator=data_generator)
+    out = {"n_samples": n}
+    for metric in metrics:
+        values = metric.batch_values(batch)
+        if values is not None:
+            out[metric.name], out[ci_key(metric.name)] = mean_ci95(values)
+    return out, x, per_sample

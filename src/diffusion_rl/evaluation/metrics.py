@@ -1,19 +1,33 @@
-"""Sample-based metrics shared by every method, so rows of a table are comparable."""
+"""Sample-based metrics shared by every method, so rows of a table are comparable: the
+estimators, and the metric objects conf/eval/ lists."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
+from scipy.stats import t as student_t
 from torch import Tensor
+
+from .diversity import mean_pairwise_levenshtein
+
+if TYPE_CHECKING:
+    from .evaluate import EvalConfig
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% interval over independent batch statistics ``[n]``."""
+    """Mean and half-width of the Student-t 95% interval over independent batch statistics ``[n]``.
+
+    Student-t, not the normal 1.96: the variance is estimated from the same few batches (with
+    4 batches the t quantile is 3.18, so 1.96 would be ~1.6x too narrow)."""
     values = values.double()
     n = values.numel()
-    half = 1.96 * values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
-    return values.mean().item(), half
+    if n < 2:
+        return values.mean().item(), float("nan")
+    sem = values.std(unbiased=True).item() / math.sqrt(n)
+    return values.mean().item(), float(student_t.ppf(0.975, n - 1)) * sem
 
 
 def knn_kl(x: Tensor, y: Tensor, k: int = 1) -> Tensor:
@@ -39,3 +53,117 @@ def mean_pairwise_distance(x: Tensor) -> Tensor:
     """``[...]`` mean Euclidean distance over distinct pairs of ``x [..., n, d]`` (vector diversity)."""
     n = x.shape[-2]
     return torch.cdist(x, x).sum((-1, -2)) / (n * (n - 1))
+
+
+# ------------------------------------------------------------------ metric objects (conf/eval/)
+
+#: what a sample is: ``[N, d]`` floats, ``[N, L]`` token ids, ``[N, C, H, W]`` pixels in [0, 1]
+SAMPLE_KINDS = ("vectors", "tokens", "images")
+
+
+def ci_key(name: str) -> str:
+    """The key of a metric's 95% half-width: ``<name>_ci95``, where the two reward metrics keep
+    their historical ``_mean`` out of it (``reward_mean`` -> ``reward_ci95``), as the reports read."""
+    return f"{name.removesuffix('_mean')}_ci95"
+
+
+@dataclass
+class EvalSamples:
+    """What every metric reads: one evaluation's ``num_batches x batch_size`` samples."""
+
+    #: decoded samples ``[N, *E]`` of kind ``kind``, on the method's device
+    x: Tensor
+    kind: str
+    #: nominal reward of each sample ``[N]``
+    rewards: Tensor
+    #: the generation's per-sample KL terms, ``[N]`` each (``kl_path``, ELEGANT's ``kl_init``)
+    kl_terms: dict[str, Tensor]
+    cfg: EvalConfig
+    #: the genuine reward ``r`` (samples -> ``[N]``), or ``None`` where none is known
+    true_reward: Callable[[Tensor], Tensor] | None = None
+    #: the data set (its ``sample(n, generator)`` draws reference samples), or ``None``
+    data: object | None = None
+    #: CPU generator of the data-side draws
+    data_generator: torch.Generator | None = None
+
+    def batch_means(self, values: Tensor) -> Tensor:
+        """``[num_batches]`` means of a per-sample quantity ``[N]`` over each batch."""
+        return values.float().reshape(self.cfg.num_batches, self.cfg.batch_size).mean(1)
+
+    def flat_batches(self) -> Tensor:
+        """The samples as ``[num_batches, batch_size, prod(E)]`` on the CPU."""
+        return self.x.reshape(self.cfg.num_batches, self.cfg.batch_size, -1).cpu()
+
+
+class Metric:
+    """One number of the shared evaluation, listed (``_target_``) under ``eval.compute`` in
+    conf/eval/. The evaluation writes ``<name>``, the mean over batches of
+    :meth:`batch_values`, and :func:`ci_key` of it, its Student-t 95% half-width.
+
+    ``kinds`` are the sample kinds it can read: the evaluation skips it for the others (and
+    rejects it, before any compute, when ``eval.select`` names it for such a run)."""
+
+    kinds: tuple[str, ...] = SAMPLE_KINDS
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:  # pragma: no cover - interface
+        """``[num_batches]``: one statistic per batch, or ``None`` when this run has nothing to
+        measure (no genuine reward, no such KL term)."""
+        raise NotImplementedError
+
+
+class Reward(Metric):
+    """Mean reward of a batch: the nominal ``r_hat`` or (``genuine``) the genuine ``r``."""
+
+    def __init__(self, name: str, genuine: bool = False):
+        super().__init__(name)
+        self.genuine = genuine
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        if not self.genuine:
+            return s.batch_means(s.rewards)
+        return None if s.true_reward is None else s.batch_means(s.true_reward(s.x))
+
+
+class KLTerm(Metric):
+    """Mean of the generation's KL term ``name`` (``kl_path``: KL between the generated and
+    the pretrained chain; ``kl_init``: ELEGANT's learned initial distribution, the path KL of
+    the chain that generates it), when the method's generation has one."""
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        values = s.kl_terms.get(self.name)
+        return None if values is None else s.batch_means(values)
+
+
+class KLDiv(Metric):
+    """The sum of every KL term of the generation: ELEGANT's KL-Div (term (b2) of its eq. 5)."""
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        if not s.kl_terms:
+            return None
+        # the sum of the terms' batch means (in float64), so kl_div is exactly their sum
+        return sum(s.batch_means(values).double() for values in s.kl_terms.values())
+
+
+class KnnKL(Metric):
+    """k-NN KL(generated ‖ data) per batch (:func:`knn_kl`), each batch against
+    ``data_batch_size`` fresh data points; needs a data set that can be sampled."""
+
+    kinds = ("vectors",)
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        if not hasattr(s.data, "sample"):
+            return None
+        ref = torch.stack([s.data.sample(s.cfg.data_batch_size, s.data_generator) for _ in range(s.cfg.num_batches)])
+        return knn_kl(s.flat_batches(), ref, s.cfg.knn_k)
+
+
+class Diversity(Metric):
+    """Mean pairwise Levenshtein distance within a batch (ELEGANT's "Div")."""
+
+    kinds = ("tokens",)
+
+    def batch_values(self, s: EvalSamples) -> Tensor:
+        return torch.tensor([mean_pairwise_levenshtein(b, workers=1) for b in s.flat_batches()])
