@@ -16,6 +16,8 @@ from .base import FineTuneMethod
 
 
 class RewardBackprop(FineTuneMethod):
+    needs_differentiable_reward = True
+
     def __init__(self, *args, reward_weight: float = 1.0, kl_weight: float = 0.0, **kw):
         super().__init__(*args, **kw)
         if not getattr(self.reward, "differentiable", False):
