@@ -9,7 +9,7 @@ import torch
 
 from diffusion_rl.backbones.mlp import MLPBackbone
 from diffusion_rl.core.processes import OUProcess
-from diffusion_rl.core.samplers import EulerMaruyama
+from diffusion_rl.core.samplers import EulerMaruyama, ODEEuler
 from diffusion_rl.data.toy import SwissRoll
 from diffusion_rl.methods.ddpo import DDPO
 from diffusion_rl.methods.dpok import DPOK
@@ -160,9 +160,14 @@ def test_ddpo_runs_with_a_stochastic_ddim_sampler(tmp_path):
     assert changed(before, snapshot(method), "backbone.")
 
 
-def test_reward_backprop_rejects_a_non_differentiable_reward():
-    with pytest.raises(ValueError, match="differentiable"):
-        build(RewardBackprop, grad_window={"kind": "all"})
+def test_methods_reject_what_their_flags_rule_out():
+    box = BoxIndicator([-100.0, 0.0], [100.0, 100.0])
+    for cls in (RewardBackprop, ELEGANT):
+        with pytest.raises(ValueError, match="differentiable"):
+            build(cls, reward=box, **({"kl_weight": 0.5} if cls is ELEGANT else {}))
+    for cls in (DDPO, DPOK, PPOKL):
+        with pytest.raises(ValueError, match="stochastic"):
+            cls(MLPBackbone(2, hidden=16), ODEEuler(OUProcess(T=1.0), 4), box, **COMMON)
 
 
 def test_ppo_kl_advantages_are_kl_returns_to_go():

@@ -59,6 +59,11 @@ class FineTuneMethod(L.LightningModule):
                 raise ValueError(f"method.{key} must be > 0 (got {v})")
         if lr <= 0:
             raise ValueError(f"method.lr must be > 0 (got {lr})")
+        # the CLI rejects these pairs before any compute (validation.py); this guards direct use
+        if self.needs_differentiable_reward and not getattr(reward, "differentiable", False):
+            raise ValueError(f"{type(self).__name__} needs a differentiable reward ({type(reward).__name__} is not)")
+        if self.needs_stochastic_sampler and not sampler.stochastic:
+            raise ValueError(f"{type(self).__name__} needs a stochastic sampler ({type(sampler).__name__} is deterministic here)")
         self.automatic_optimization = False
         self.backbone = backbone
         self.reference = backbone.frozen_reference()
