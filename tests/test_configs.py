@@ -284,3 +284,51 @@ def test_validate_names_the_offending_key(override, key):
     cfg = compose_config([override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+# ------------------------------------------------------------------ trainer
+
+
+def test_trainer_yaml_instantiates_a_lightning_trainer_with_its_values(tmp_path):
+    import lightning as L
+
+    from diffusion_rl.runner import build_trainer, check_trainer
+
+    cfg = compose_config(["trainer=gpu", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
+                          "trainer.accumulate_grad_batches=3", "+trainer.gradient_clip_val=0.5"])
+    check_trainer(cfg)
+    trainer = build_trainer(cfg, tmp_path, epochs=2, loggers=[], checkpoint=False)
+    assert isinstance(trainer, L.Trainer)
+    assert trainer.precision == "bf16-mixed" and trainer.accumulate_grad_batches == 3
+    assert trainer.gradient_clip_val == 0.5 and trainer.max_epochs == 2
+    default = build_trainer(compose_config(["debug=smoke"]), tmp_path, epochs=1, loggers=[], checkpoint=True)
+    assert default.precision == "32-true" and default.accumulate_grad_batches == 1
+    assert default.log_every_n_steps == 1 and default.num_sanity_val_steps == 0  # debug=smoke's value; the YAML's
+
+
+def test_trainer_options_set_accelerator_devices_and_strategy():
+    gpu, ddp = compose_config(["trainer=gpu"]).trainer, compose_config(["trainer=ddp"]).trainer
+    assert (gpu.accelerator, gpu.devices, gpu.strategy) == ("gpu", 1, "auto")
+    assert ddp.accelerator == "gpu" and ddp.devices > 1 and ddp.strategy == "ddp"
+    assert ddp._target_ == gpu._target_ == "lightning.Trainer"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.surely_not_an_argument=1", "trainer.surely_not_an_argument is not an argument of lightning.Trainer"),
+    ("+trainer.max_epochs=3", "trainer.max_epochs is set by the runner")])
+def test_trainer_check_names_an_unknown_or_runner_owned_key(override, message):
+    from diffusion_rl.runner import check_trainer
+
+    with pytest.raises(ValueError, match=message):
+        check_trainer(compose_config([override]))
+
+
+def test_unknown_trainer_key_is_one_error_line_and_writes_nothing(tmp_path):
+    from conftest import last_error_line, path_overrides, run_cli
+
+    proc = run_cli(["debug=smoke", "+trainer.surely_not_an_argument=1", f"hydra.run.dir={tmp_path / 'run'}",
+                    *path_overrides(tmp_path)])
+    assert proc.returncode == 2
+    assert last_error_line(proc).startswith("error: trainer.surely_not_an_argument is not an argument")
+    # only Hydra's own log (written before the task starts) is there
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["cli.log"]

@@ -221,3 +221,20 @@ def test_guidance_trains_the_classifier_only(tmp_path):
     assert changed(before, after, "backbone.") == [] and changed(before, after, "reference.") == []
     assert changed(before, after, "classifier.")
     assert all(p.grad is None for p in method.backbone.parameters())
+
+
+@pytest.mark.parametrize("cls, kw", [(DDPO, {}), (DPOK, dict(kl_weight=1.0, reward_weight=2.0)), (PPOKL, dict(kl_weight=0.5))])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_step_chunked_backward_gives_the_one_backward_update(cls, kw, chunk, tmp_path):
+    """The policy-gradient objective is a sum over steps: backpropagating it a few steps at a
+    time (the memory-bounded path) must give the same update as one backward, and still move
+    the backbone only."""
+    whole = build(cls, minibatches=2, **kw)
+    chunked = build(cls, minibatches=2, steps_per_backward=chunk, **kw)
+    before = snapshot(chunked)
+    fit_one_iteration(whole, tmp_path / "whole")
+    fit_one_iteration(chunked, tmp_path / "chunked")
+    moved = changed(before, snapshot(chunked), "backbone.")
+    assert moved and not changed(before, snapshot(chunked), "reference.")
+    for (name, a), b in zip(whole.backbone.state_dict().items(), chunked.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

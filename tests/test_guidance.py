@@ -99,7 +99,7 @@ def test_guided_score_adds_gamma_times_classifier_log_gradient():
 
     x, s, gamma = torch.randn(5, 3, 4), torch.rand(5), 2.5
     with torch.no_grad():  # as in the shared evaluation
-        guided = GuidedScore(Flat(), classifier, gamma)(x, s)
+        guided = GuidedScore(Flat(), classifier, gamma, VPProcess())(x, s)
     assert not guided.requires_grad
     # independent autograd: per-sample derivative of log sigmoid(logit) (a Jacobian row each)
     expected = torch.stack([
@@ -153,7 +153,9 @@ def test_classifier_learns_and_guidance_moves_samples_up(tmp_path):
                    dataset=data, top_fraction=0.5, guidance_scale=1.0, iterations=200, iterations_per_epoch=200,
                    batch_size=128, lr=3e-3, classifier_hidden=[32, 32], label_pool=2000)
     fit(method, tmp_path)
-    assert abs(method.label_threshold.item()) < 0.3  # the median of a symmetric mixture
+    # the median of a symmetric mixture of two well-separated modes lies somewhere in the gap
+    # between them (where the pool has almost no points, so not near 0 in particular)
+    assert abs(method.label_threshold.item()) < 1.5
 
     g = torch.Generator().manual_seed(123)
     x0 = data.sample(2000, g)
@@ -194,7 +196,7 @@ def test_needs_a_dataset_and_a_gaussian_score_process():
     with pytest.raises(ValueError, match="needs a dataset"):
         Guidance(MLPBackbone(2, hidden=8), EulerMaruyama(OUProcess(T=1.0), 4), BoxIndicator([0.0, 0.0], [1.0, 1.0]),
                  iterations=1, batch_size=4, lr=1e-3)
-    with pytest.raises(ValueError, match="score-parametrised"):
+    with pytest.raises(ValueError, match="predicts a drift"):
         build(process=BrownianBridgeProcess())
 
 

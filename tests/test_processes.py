@@ -151,7 +151,7 @@ def test_bridge_is_drift_parametrised_and_has_no_ode():
     process = BrownianBridgeProcess(eps=0.5)
     x, out = torch.randn(4, 2), torch.randn(4, 2)
     s = torch.full((4,), 0.5)
-    assert not process.score_parametrised
+    assert process.prediction_type == "drift"
     torch.testing.assert_close(process.reverse_drift(x, s, out), out)
     torch.testing.assert_close(process.reverse_diffusion(s), torch.full((4,), 0.5))
     with pytest.raises(NotImplementedError):

@@ -351,13 +351,23 @@ def test_recompute_means_reproduces_rollout(make_sampler):
     assert not torch.allclose(other, traj.means)
 
 
-def test_recompute_means_with_tensor_conditioning():
+def test_recompute_means_with_mapping_conditioning_in_chunks_and_per_chain():
+    """Conditioning is a mapping of per-chain tensors: recomputation (in one call or in chunks
+    of steps) and chain selection index every entry with its chain."""
     def policy(x, s, cond):
-        return -x + cond
-    sampler = EulerMaruyama(OUProcess(T=1.0), 3)
-    cond = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
-    traj = sampler.rollout(policy, 2, event_shape=(2,), cond=cond, generator=torch.Generator().manual_seed(0))
+        return -x * cond["scale"][:, None] + cond["shift"]
+    sampler = EulerMaruyama(OUProcess(T=1.0), 5)
+    cond = {"shift": torch.tensor([[1.0, 0.0], [0.0, -2.0], [3.0, 3.0]]), "scale": torch.tensor([1.0, 2.0, 0.5])}
+    traj = sampler.rollout(policy, 3, event_shape=(2,), cond=cond, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(sampler.recompute_means(policy, traj), traj.means)
+    torch.testing.assert_close(sampler.recompute_means(policy, traj, chunk_steps=2), traj.means)
+    torch.testing.assert_close(sampler.recompute_means(policy, traj, steps=range(1, 4)), traj.means[1:4])
+    idx = torch.tensor([2, 0])
+    sub = traj.select(idx)
+    torch.testing.assert_close(sampler.recompute_means(policy, sub), traj.means[:, idx])
+    torch.testing.assert_close(sub.log_probs(), traj.log_probs()[:, idx])
+    with pytest.raises(ValueError, match="one per chain"):
+        sampler.rollout(policy, 2, event_shape=(2,), cond=cond)
 
 
 # ------------------------------------------------------------------ (f) input checks
@@ -386,14 +396,14 @@ def test_log_probs_on_deterministic_sampler_raises(make_sampler):
 
 
 def test_gaussian_log_prob_zero_std_steps():
-    """A deterministic step (std 0, DDIM's last) has log-probability 0; all-deterministic raises."""
+    """A deterministic step (std 0, DDIM's last) has log-probability 0, also in a chunk of
+    steps that holds only such steps (the trajectory-level check is log_probs')."""
     x, mean = torch.randn(2, 3, 1), torch.zeros(2, 3, 1)
     logp = gaussian_log_prob(x, mean, torch.tensor([1.0, 0.0]))
     assert torch.equal(logp[1], torch.zeros(3))
     expected = torch.distributions.Normal(0.0, 1.0).log_prob(x[0, :, 0])
     torch.testing.assert_close(logp[0], expected)
-    with pytest.raises(ValueError):
-        gaussian_log_prob(x, mean, torch.tensor([0.0, 0.0]))
+    assert torch.equal(gaussian_log_prob(x, mean, torch.tensor([0.0, 0.0])), torch.zeros(2, 3))
 
 
 def test_path_kl_without_reference_raises():

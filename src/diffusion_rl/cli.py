@@ -64,11 +64,19 @@ def _task(cfg: DictConfig) -> float | None:
     return metrics.get("reward_mean")
 
 
+def _null_group(arg: str) -> str:
+    """``group=null`` -> ``~group``: Hydra 1.3 rejects a null group override on the command
+    line, while ``group: null`` in a defaults list means "no option"; both mean the latter."""
+    key, _, value = arg.partition("=")
+    return f"~{key}" if value == "null" and (CONFIG_DIR / key).is_dir() else arg
+
+
 def main() -> None:
     try:
         check_group_overrides(sys.argv[1:], CONFIG_DIR)
     except ConfigError as err:
         _fail(str(err))
+    sys.argv[1:] = [_null_group(arg) for arg in sys.argv[1:]]
     _task()
 
 

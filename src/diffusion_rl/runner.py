@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
+import inspect
 import json
 import logging
 import os
@@ -20,57 +20,84 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .cache import cached
 from .evaluation.evaluate import EvalConfig, evaluate
+from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 
-def config_hash(*parts: DictConfig) -> str:
-    text = "\n".join(OmegaConf.to_yaml(p, resolve=True, sort_keys=True) for p in parts)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+#: Trainer arguments the runner sets per stage; conf/trainer/ must leave them out.
+RUNNER_TRAINER_KEYS = ("max_epochs", "logger", "callbacks", "enable_checkpointing", "default_root_dir")
+#: Trainer settings that change what a fit computes (not only how it is shown or logged):
+#: part of the pretraining cache key, so e.g. a bf16 backbone never stands in for a float32 one.
+FIT_TRAINER_KEYS = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """An unknown or runner-owned ``trainer.*`` key as one ``ValueError``, before anything is
+    written (Lightning itself would only fail when the first trainer is built, mid-run)."""
+    target = get_class(cfg.trainer._target_)
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # a target taking **kwargs accepts anything
+    for key in cfg.trainer:
+        if str(key).startswith("_"):
+            continue
+        if key in RUNNER_TRAINER_KEYS:
+            raise ValueError(f"trainer.{key} is set by the runner for each stage; remove it from the trainer config")
+        if key not in params:
+            raise ValueError(f"trainer.{key} is not an argument of {cfg.trainer._target_}")
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, epochs: int, loggers: list, checkpoint: bool) -> L.Trainer:
+    """``cfg.trainer`` (conf/trainer/) instantiated, plus what differs between stages."""
     callbacks = []
     if checkpoint:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, save_last=True, save_top_k=0,
                                                              every_n_epochs=1, enable_version_counter=False))
-    return L.Trainer(max_epochs=epochs, logger=loggers or False, callbacks=callbacks,
-                     accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-                     enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
-                     enable_checkpointing=checkpoint, log_every_n_steps=cfg.trainer.log_every_n_steps,
-                     num_sanity_val_steps=0, deterministic=cfg.trainer.deterministic, default_root_dir=run_dir)
+    return instantiate(cfg.trainer, max_epochs=epochs, logger=loggers or False, callbacks=callbacks,
+                       enable_checkpointing=checkpoint, default_root_dir=run_dir)
+
+
+def pretrain_config(cfg: DictConfig) -> dict:
+    """The parts of ``cfg`` that define a pretrained backbone (its cache key)."""
+    # the genuine-reward oracle a dataset may carry (GFP's proxy) does not change the data
+    data = OmegaConf.to_container(cfg.dataset, resolve=True)
+    data.pop("true_oracle", None)
+    trainer = {k: cfg.trainer[k] for k in FIT_TRAINER_KEYS if k in cfg.trainer}
+    return {"dataset": data, "process": cfg.process, "backbone": cfg.backbone, "pretrain": cfg.pretrain,
+            "trainer": trainer}
 
 
 def pretrained_backbone(cfg: DictConfig, dataset, process):
     """The pretrained backbone for this (dataset, process, backbone, pretrain) — trained once,
-    then loaded from ``<cache_dir>/pretrain/<hash>/backbone.pt`` by every run of a sweep."""
+    then loaded from ``<cache_dir>/pretrain/<key>/backbone.pt`` by every run of a sweep.
+    ``pretrain: null`` (``pretrain=null``) uses the backbone as instantiated (e.g. weights its
+    constructor loaded from disk): no pretraining, no cache entry."""
     backbone = instantiate(cfg.backbone)
-    # the genuine-reward oracle a dataset may carry (GFP's proxy) does not change the data
-    data = OmegaConf.to_container(cfg.dataset, resolve=True)
-    data.pop("true_oracle", None)
-    data_cfg = OmegaConf.create(data)
-    key = config_hash(data_cfg, cfg.process, cfg.backbone, cfg.pretrain)
-    folder = Path(cfg.paths.cache_dir) / "pretrain" / key
-    weights = folder / "backbone.pt"
-    if weights.exists():
-        log.info("pretrained backbone: cached %s", weights)
-        backbone.load_state_dict(torch.load(weights, map_location="cpu"))
+    spec = cfg.get("pretrain")
+    if spec is None or "_target_" not in spec:
+        # without a pretrain option only loose keys can remain (debug=smoke's shrunk budget)
+        log.info("pretrain: none; the backbone is used as instantiated")
         return backbone
-    module = instantiate(cfg.pretrain, backbone=backbone, process=process, dataset=dataset)
-    log.info("pretraining %s: %d iterations x batch %d (%d epochs) -> %s", type(module).__name__,
-             module.iterations, module.batch_size, module.epochs, folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    loggers = [L.pytorch.loggers.CSVLogger(folder, name="", version="")]
-    build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False).fit(module)
-    OmegaConf.save(OmegaConf.create({k: cfg[k] for k in ("dataset", "process", "backbone", "pretrain")}), folder / "config.yaml")
-    tmp = weights.with_suffix(".tmp")
-    torch.save(backbone.state_dict(), tmp)
-    os.replace(tmp, weights)  # atomic: a killed pretraining never leaves a half-written cache entry
-    return backbone
+
+    def fit(folder: Path) -> None:
+        module = instantiate(spec, backbone=backbone, process=process, dataset=dataset)
+        log.info("pretraining %s: %d iterations x batch %d (%d epochs) -> %s", type(module).__name__,
+                 module.iterations, module.batch_size, module.epochs, folder)
+        loggers = [L.pytorch.loggers.CSVLogger(folder, name="", version="")]
+        build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False).fit(module)
+        torch.save(backbone.state_dict(), folder / "backbone.pt")
+
+    def load(folder: Path):
+        backbone.load_state_dict(torch.load(folder / "backbone.pt", map_location="cpu"))
+        return backbone
+
+    return cached("pretrain", pretrain_config(cfg), cfg.paths.cache_dir, fit, load)
 
 
 def bind_reward(reward, dataset):
@@ -121,6 +148,7 @@ def _prepend_csv(earlier: Path, curves: Path) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Everything after validation. Returns the final metrics."""
     start = time.time()
+    check_trainer(cfg)
     done = run_dir / "metrics.json"
     if cfg.get("skip_completed") and done.exists():
         log.info("already finished: %s", done)
@@ -165,12 +193,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     method.to(device).eval()
     eval_cfg = EvalConfig(**cfg.eval.metrics)
+    # the evaluation's two streams, by the project's rule: chain noise on the device, data draws on the CPU
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
+    data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.eval.seed), "data"))
     metrics, samples, rewards = evaluate(
-        method.eval_policy(), sampler, reward.to(device), eval_cfg, event_shape=backbone.event_shape,
-        generator=generator, reference=method.reference, data=dataset, decode=method.decode,
-        true_reward=None if true_reward is None else true_reward.to(device), initial=method.eval_initial(),
-        device=device)
+        method.generate, reward.to(device), eval_cfg, generator=generator, data_generator=data_generator,
+        data=dataset, decode=method.decode, true_reward=None if true_reward is None else true_reward.to(device))
     for name, r in (("oracle", reward), ("true_oracle", true_reward)):
         for key, value in (getattr(r, "summary", None) or {}).items():
             if key.endswith("r2"):

@@ -28,7 +28,7 @@ hyper-parameter. Not readable, hence our choices (all constructor arguments):
 * ``dropout = 0`` (the brief's default), pre-LayerNorm encoder layers (``norm_first``) with a
   final LayerNorm, GELU activations.
 
-The output is the score itself (the ``score_parametrised`` convention of
+The output is the score itself (``process.prediction_type: score``, converted by
 :mod:`diffusion_rl.core.processes`), not an epsilon prediction.
 """
 

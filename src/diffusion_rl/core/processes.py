@@ -9,10 +9,18 @@ A process answers two kinds of question:
 * about the forward SDE ``dx = f(x, s) ds + g(s) dW`` and its Gaussian marginals
   ``x_s | x_0 ~ N(alpha(s) x_0, sigma(s)^2 I)`` (score matching, Tweedie, DDIM, the ratio
   score estimator of the q-learning paper, guidance classifiers);
-* how a network output turns into the drift of the generative (reverse-time) dynamics
-  (``reverse_drift``). For score-parametrised processes the network predicts the score;
-  for the Brownian bridge it predicts the drift itself. Samplers only call this method,
-  so every method works with either parametrisation.
+* how a network output turns into what samplers and methods use. The network predicts
+  one ``prediction_type`` (``score``, ``eps``, ``v``, ``x0`` or ``drift``, set in the
+  process's YAML); the process converts it, in this one place, to a score
+  (:meth:`to_score`), a noise estimate (:meth:`to_eps`), the Tweedie estimate of the clean
+  sample (:meth:`denoise`) and the drift of the generative dynamics (:meth:`reverse_drift`,
+  :meth:`ode_drift`). Samplers and methods only call these, so every method works with every
+  parametrisation.
+
+Time grids come from the process too (:meth:`time_grid`): a uniform grid for the continuous
+SDEs, the DDPM / Stable Diffusion timestep subsets for :class:`DiscreteVPProcess`. The time
+label a network sees is ``time_scale * s``; ``time_scale`` lives in the process's YAML and
+the networks with time features read it from there (``${process.time_scale}``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
 
 
+PREDICTION_TYPES = ("score", "eps", "v", "x0", "drift")
+
+
 class ForwardProcess:
     """Base class. Subclasses define ``f``, ``g`` and, when Gaussian, ``marginal_coeffs``."""
 
@@ -36,8 +47,26 @@ class ForwardProcess:
     T: float
     #: smallest time the sampler goes down to (0 for the OU process, 1e-3 for VP)
     t_min: float = 0.0
-    #: whether the network predicts the score (True) or the reverse drift itself (False)
-    score_parametrised: bool = True
+    #: what the network outputs (one of PREDICTION_TYPES)
+    prediction_type: str = "score"
+    #: the network's time label is ``time_scale * s``
+    time_scale: float = 1.0
+    #: prediction types this process can convert
+    supported_predictions: tuple[str, ...] = ("score", "eps", "v", "x0")
+
+    def _set_parametrisation(self, prediction_type: str, time_scale: float) -> None:
+        if prediction_type not in self.supported_predictions:
+            raise ValueError(f"process.prediction_type must be one of {', '.join(self.supported_predictions)} "
+                             f"for {type(self).__name__} (got {prediction_type!r})")
+        if time_scale <= 0:
+            raise ValueError(f"process.time_scale must be > 0 (got {time_scale})")
+        self.prediction_type, self.time_scale = prediction_type, float(time_scale)
+
+    # --- time grid of the samplers -----------------------------------------------------------
+    def time_grid(self, num_steps: int) -> Tensor:
+        """``[K+1]`` forward times from ``T`` down to ``t_min``; step ``k`` goes from entry ``k``
+        to entry ``k + 1``. Continuous processes: uniform."""
+        return torch.linspace(self.T, self.t_min, int(num_steps) + 1)
 
     # --- forward SDE -------------------------------------------------------------------
     def f(self, x: Tensor, s: Tensor) -> Tensor:
@@ -67,14 +96,71 @@ class ForwardProcess:
         _, sigma = self.marginal_coeffs(torch.tensor(self.T))
         return sigma.item() * torch.randn(shape, generator=generator, device=device)
 
+    # --- network outputs ------------------------------------------------------------------
+    def to_score(self, x: Tensor, s: Tensor, output: Tensor) -> Tensor:
+        """``grad_x log p_s(x)`` estimated by a network output of this process's prediction type."""
+        if self.prediction_type == "score":
+            return output
+        _, sigma = self._coeffs(x, s)
+        return -self.to_eps(x, s, output) / sigma
+
+    def to_eps(self, x: Tensor, s: Tensor, output: Tensor) -> Tensor:
+        """The noise ``eps`` of ``x = alpha x_0 + sigma eps`` estimated by ``output``."""
+        kind = self.prediction_type
+        if kind == "drift":
+            raise ValueError(f"{type(self).__name__}: a drift prediction has no noise estimate")
+        alpha, sigma = self._coeffs(x, s)
+        if kind == "score":
+            return -sigma * output
+        if kind == "eps":
+            return output
+        if kind == "x0":
+            return (x - alpha * output) / sigma
+        # v = alpha eps - sigma x_0 (Salimans & Ho 2022), for any alpha^2 + sigma^2
+        return (sigma * x + alpha * output) / (alpha**2 + sigma**2)
+
+    def denoise(self, x: Tensor, s: Tensor, output: Tensor) -> Tensor:
+        """Tweedie's estimate ``E[x_0 | x_s = x]`` from a network output."""
+        kind = self.prediction_type
+        if kind == "drift":
+            raise ValueError(f"{type(self).__name__}: a drift prediction has no Tweedie estimate")
+        alpha, sigma = self._coeffs(x, s)
+        if kind == "score":
+            return (x + sigma**2 * output) / alpha
+        if kind == "eps":
+            return (x - sigma * output) / alpha
+        if kind == "x0":
+            return output
+        return (alpha * x - sigma * output) / (alpha**2 + sigma**2)  # v
+
+    def from_score(self, x: Tensor, s: Tensor, score: Tensor) -> Tensor:
+        """The network output of this prediction type that corresponds to ``score`` (the inverse
+        of :meth:`to_score`): how a method that edits the score (guidance) edits the output."""
+        kind = self.prediction_type
+        if kind == "score":
+            return score
+        alpha, sigma = self._coeffs(x, s)
+        eps, x0 = -sigma * score, (x + sigma**2 * score) / alpha
+        if kind == "eps":
+            return eps
+        if kind == "x0":
+            return x0
+        if kind == "v":
+            return alpha * eps - sigma * x0
+        raise ValueError(f"{type(self).__name__}: a {kind!r} prediction cannot be written from a score")
+
+    def _coeffs(self, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        alpha, sigma = self.marginal_coeffs(s)
+        return _bcast(alpha, x), _bcast(sigma, x)
+
     # --- generative dynamics ----------------------------------------------------------
     def reverse_drift(self, x: Tensor, s: Tensor, output: Tensor) -> Tensor:
-        """Drift of the reverse-time SDE (per unit of decreasing ``s``) given a score."""
-        return -self.f(x, s) + _bcast(self.g(s) ** 2, x) * output
+        """Drift of the reverse-time SDE (per unit of decreasing ``s``) given a network output."""
+        return -self.f(x, s) + _bcast(self.g(s) ** 2, x) * self.to_score(x, s, output)
 
     def ode_drift(self, x: Tensor, s: Tensor, output: Tensor) -> Tensor:
-        """Drift of the probability-flow ODE given a score."""
-        return -self.f(x, s) + 0.5 * _bcast(self.g(s) ** 2, x) * output
+        """Drift of the probability-flow ODE given a network output."""
+        return -self.f(x, s) + 0.5 * _bcast(self.g(s) ** 2, x) * self.to_score(x, s, output)
 
     def reverse_diffusion(self, s: Tensor) -> Tensor:
         return self.g(s)
@@ -87,10 +173,12 @@ class OUProcess(ForwardProcess):
     ``alpha(s) = exp(-s)`` and ``sigma(s)^2 = 1 - exp(-2 s)``.
     """
 
-    def __init__(self, T: float = 5.0, theta: float = 1.0, sigma: float = math.sqrt(2.0), t_min: float = 0.0):
+    def __init__(self, T: float = 5.0, theta: float = 1.0, sigma: float = math.sqrt(2.0), t_min: float = 0.0,
+                 prediction_type: str = "score", time_scale: float = 1.0):
         if T <= 0:
             raise ValueError(f"process.T must be > 0 (got {T})")
         self.T, self.theta, self.sigma, self.t_min = float(T), float(theta), float(sigma), float(t_min)
+        self._set_parametrisation(prediction_type, time_scale)
 
     def f(self, x: Tensor, s: Tensor) -> Tensor:
         return -self.theta * x
@@ -130,10 +218,12 @@ class VPProcess(ForwardProcess):
     """Variance-preserving SDE with linear ``beta(s) = beta_min + s (beta_max - beta_min)`` on [0, 1]
     (Song et al. 2021): ``dx = -beta/2 x ds + sqrt(beta) dW``."""
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_min: float = 1e-3):
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_min: float = 1e-3,
+                 prediction_type: str = "score", time_scale: float = 1000.0):
         if T <= 0:
             raise ValueError(f"process.T must be > 0 (got {T})")
         self.beta_min, self.beta_max, self.T, self.t_min = float(beta_min), float(beta_max), float(T), float(t_min)
+        self._set_parametrisation(prediction_type, time_scale)
 
     def beta(self, s: Tensor) -> Tensor:
         return self.beta_min + torch.as_tensor(s, dtype=torch.get_default_dtype()) * (self.beta_max - self.beta_min)
@@ -151,23 +241,102 @@ class VPProcess(ForwardProcess):
         return alpha, (1 - alpha**2).clamp_min(0).sqrt()
 
 
+class DiscreteVPProcess(ForwardProcess):
+    """The discrete variance-preserving chain of DDPM and Stable Diffusion.
+
+    Forward time is the integer timestep ``t = 0 .. N-1`` (stored as floats), with
+    ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and ``abar_t = prod_{i <= t} (1 - beta_i)``
+    for a ``linear`` or ``scaled_linear`` (SD: linear in sqrt(beta)) beta schedule, or an
+    explicit ``alphas_cumprod`` list. Samplers walk a subset of the timesteps chosen as
+    diffusers' ``DDIMScheduler`` does (``timestep_spacing``: ``leading`` + ``steps_offset``,
+    SD 1.5's choice; ``trailing``; ``linspace``) and step from ``t`` to ``t - N // K``; below 0
+    the chain lands on ``abar = 1`` (``set_alpha_to_one``) or on ``abar_0`` (SD 1.5). Where the
+    rounded timesteps are not ``N // K`` apart (``linspace``; ``trailing`` when K does not
+    divide N) each step goes to the next timestep of the grid, a proper chain, where
+    diffusers' DDIM steps to ``t - N // K`` instead.
+
+    There is no SDE behind the chain (no ``f``, ``g``): sample it with DDIM(eta), which with
+    ``eta = 1`` is DDPM's ancestral sampler. The network sees ``time_scale * t`` (1: the
+    timestep itself, as a UNet expects).
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "scaled_linear", alphas_cumprod: list[float] | None = None,
+                 timestep_spacing: str = "leading", steps_offset: int = 1, set_alpha_to_one: bool = False,
+                 prediction_type: str = "eps", time_scale: float = 1.0):
+        if alphas_cumprod is not None:
+            abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        else:
+            if num_train_timesteps < 2:
+                raise ValueError(f"process.num_train_timesteps must be >= 2 (got {num_train_timesteps})")
+            if beta_schedule == "linear":
+                betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+            elif beta_schedule == "scaled_linear":
+                betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+            else:
+                raise ValueError(f"process.beta_schedule must be linear or scaled_linear (got {beta_schedule!r})")
+            abar = torch.cumprod(1 - betas, 0)
+        if abar.dim() != 1 or not ((abar > 0) & (abar < 1)).all() or (abar[1:] > abar[:-1]).any():
+            raise ValueError("process.alphas_cumprod must be a decreasing sequence in (0, 1)")
+        if timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"process.timestep_spacing must be leading, trailing or linspace (got {timestep_spacing!r})")
+        # float32 like diffusers' schedulers, so DDIM steps agree with theirs to float precision
+        self.alphas_cumprod = abar.float()
+        self.num_train_timesteps = len(abar)
+        self.timestep_spacing, self.steps_offset = timestep_spacing, int(steps_offset)
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.T, self.t_min = float(self.num_train_timesteps - 1), 0.0
+        self._set_parametrisation(prediction_type, time_scale)
+
+    def timesteps(self, num_steps: int) -> Tensor:
+        """``[K]`` the timesteps a K-step sampler visits, decreasing (diffusers' ``set_timesteps``)."""
+        N, K = self.num_train_timesteps, int(num_steps)
+        if not 0 < K <= N:
+            raise ValueError(f"sampler.num_steps must be in 1..{N} for this schedule (got {K})")
+        if self.timestep_spacing == "leading":
+            t = torch.arange(K, dtype=torch.float64) * (N // K) + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            t = torch.round(torch.arange(N, 0, -N / K, dtype=torch.float64)) - 1
+            return t.clamp(0, N - 1)
+        else:
+            t = torch.round(torch.linspace(0, N - 1, K, dtype=torch.float64))
+        return t.flip(0).clamp(0, N - 1)
+
+    def time_grid(self, num_steps: int) -> Tensor:
+        t = self.timesteps(num_steps)
+        return torch.cat([t, t[-1:] - self.num_train_timesteps // int(num_steps)]).float()
+
+    def marginal_coeffs(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        s = torch.as_tensor(s, dtype=torch.get_default_dtype())
+        idx = s.round().long()
+        abar = self.alphas_cumprod.to(s.device)[idx.clamp(0, self.num_train_timesteps - 1)]
+        abar = torch.where(idx >= 0, abar, torch.full_like(abar, self.final_alpha_cumprod)).to(s.dtype)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def prior_sample(self, shape, generator=None, device="cpu") -> Tensor:
+        # N(0, I), as diffusers' pipelines start (init_noise_sigma = 1), not sigma(T) N(0, I)
+        return torch.randn(shape, generator=generator, device=device)
+
+
 class BrownianBridgeProcess(ForwardProcess):
     """Brownian bridge between ``N(0, I)`` (at ``s = 1``) and the data (at ``s = 0``).
 
     Bridge matching (ELEGANT App. D, tutorial §9) regresses the drift of
     ``dx = b(x, tau) dtau + eps dW`` with ``tau = 1 - s``: for a pair ``(x_noise, x_data)`` the
     bridge point is ``x = s x_noise + (1 - s) x_data + eps sqrt(s (1 - s)) z`` and the
-    conditional drift is ``(x_data - x) / s``. The network predicts the drift, so
-    ``reverse_drift`` is the identity; there is no Gaussian marginal given data alone,
-    hence no ODE / DDIM sampler for this process.
+    conditional drift is ``(x_data - x) / s``. The network predicts the drift
+    (``prediction_type: drift``), so ``reverse_drift`` is the identity; there is no Gaussian
+    marginal given data alone, hence no score, no Tweedie estimate and no ODE / DDIM sampler.
     """
 
-    score_parametrised = False
+    supported_predictions = ("drift",)
 
-    def __init__(self, eps: float = 1.0, T: float = 1.0, t_min: float = 0.0):
+    def __init__(self, eps: float = 1.0, T: float = 1.0, t_min: float = 0.0, prediction_type: str = "drift",
+                 time_scale: float = 1.0):
         if T <= 0:
             raise ValueError(f"process.T must be > 0 (got {T})")
         self.eps, self.T, self.t_min = float(eps), float(T), float(t_min)
+        self._set_parametrisation(prediction_type, time_scale)
 
     def prior_sample(self, shape, generator=None, device="cpu") -> Tensor:
         return torch.randn(shape, generator=generator, device=device)

@@ -16,11 +16,13 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .conditioning import Cond, check_cond, repeat_cond
 from .processes import ForwardProcess, _bcast
 from .trajectory import Trajectory
 
-#: ``policy(x [B, *E], s [B], cond) -> output [B, *E]``: a backbone, or a wrapper around one
-Policy = Callable[[Tensor, Tensor, Any], Tensor]
+#: ``policy(x [B, *E], s [B], cond) -> output [B, *E]``: a backbone, or a wrapper around one;
+#: ``cond`` is ``None`` or a mapping of per-chain tensors (:mod:`.conditioning`)
+Policy = Callable[[Tensor, Tensor, Cond], Tensor]
 
 
 @dataclass
@@ -55,7 +57,8 @@ class GradWindow:
 
 
 class Sampler:
-    """Base sampler over the uniform grid ``s_k = T - k (T - t_min) / K``, ``k = 0..K``."""
+    """Base sampler over the process's time grid ``s_0 = T > s_1 > ... > s_K`` (uniform for
+    the continuous SDEs, a subset of the training timesteps for the discrete VP chain)."""
 
     stochastic: bool = True
 
@@ -69,10 +72,11 @@ class Sampler:
         # coordinate), enough to flip the argmax of a one-hot state; the step is then
         # deterministic, so it adds no log-probability and its KL is the control cost.
         self.final_noise = bool(final_noise)
-        self.times = torch.linspace(process.T, process.t_min, self.num_steps + 1)
+        self.times = process.time_grid(self.num_steps)
 
     @property
     def dt(self) -> float:
+        """The first step's size (the only one, on a uniform grid)."""
         return float(self.times[0] - self.times[1])
 
     def _grid(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,19 +115,24 @@ class Sampler:
         generator: torch.Generator | None = None,
         x_init: Tensor | None = None,
         event_shape: tuple[int, ...] | None = None,
-        cond: Any = None,
+        cond: Cond = None,
         reference: Policy | None = None,
         grad_window: GradWindow | None = None,
+        window_generator: torch.Generator | None = None,
         checkpoint_steps: bool = False,
         device: torch.device | str = "cpu",
     ) -> Trajectory:
-        """Simulate ``K`` steps from ``x_init`` (or a prior draw of ``batch_size x event_shape``)."""
+        """Simulate ``K`` steps from ``x_init`` (or a prior draw of ``batch_size x event_shape``).
+
+        ``generator`` draws the chain's noise on its device; ``window_generator`` (a CPU
+        generator, default ``generator``) draws a random-K window's length."""
         if x_init is None:
             x = self.process.prior_sample((batch_size, *event_shape), generator=generator, device=device)
         else:
             x = x_init
         B, K = x.shape[0], self.num_steps
-        grad_start = (grad_window or GradWindow()).start(K, generator)
+        check_cond(cond, B)
+        grad_start = (grad_window or GradWindow()).start(K, window_generator or generator)
         times = self.times.to(x.device)
 
         states, outputs, means, stds, noises, kls = [x], [], [], [], [], []
@@ -158,28 +167,33 @@ class Sampler:
             kl=torch.stack(kls) if kls else None, grad_start=grad_start, cond=cond,
         )
 
-    def _step(self, policy: Policy, x: Tensor, k: Tensor, s: Tensor, cond: Any):
+    def _step(self, policy: Policy, x: Tensor, k: Tensor, s: Tensor, cond: Cond):
         out = policy(x, s, cond)
         mean, std = self.transition(x, k, out)
         return out, mean, std
 
-    def recompute_means(self, policy: Policy, traj: Trajectory) -> Tensor:
-        """``[K, B, *E]`` transition means of the recorded states under ``policy``, all steps in
-        one batched call (PPO-style ratios need them under the current parameters)."""
-        K, B = traj.num_steps, traj.states.shape[1]
-        x = traj.states[:-1].detach().flatten(0, 1)
-        k = torch.arange(K, device=x.device).repeat_interleave(B)
-        out = policy(x, self.times.to(x.device)[k], _repeat_cond(traj.cond, K))
+    def recompute_means(self, policy: Policy, traj: Trajectory, steps: range | None = None,
+                        chunk_steps: int | None = None) -> Tensor:
+        """``[k, B, *E]`` transition means of the recorded states at ``steps`` (default: all K)
+        under ``policy`` — PPO-style ratios and DPOK's KL need them under other parameters.
+
+        Each call of the policy batches ``chunk_steps`` steps x B chains (default: all the
+        steps asked for, one call); for a large backbone keep it small, or ask for a few
+        ``steps`` at a time and backpropagate each (the policy-gradient methods do)."""
+        steps = range(traj.num_steps) if steps is None else steps
+        chunk = len(steps) if chunk_steps is None else int(chunk_steps)
+        if chunk < 1:
+            raise ValueError(f"chunk_steps must be >= 1 (got {chunk_steps})")
+        means = [self._recompute(policy, traj, steps[i:i + chunk]) for i in range(0, len(steps), chunk)]
+        return means[0] if len(means) == 1 else torch.cat(means)
+
+    def _recompute(self, policy: Policy, traj: Trajectory, steps: range) -> Tensor:
+        B, n = traj.states.shape[1], len(steps)
+        x = traj.states[steps.start:steps.stop].detach().flatten(0, 1)
+        k = torch.arange(steps.start, steps.stop, device=x.device).repeat_interleave(B)
+        out = policy(x, self.times.to(x.device)[k], repeat_cond(traj.cond, n))
         mean, _ = self.transition(x, k, out)
-        return mean.reshape(traj.means.shape)
-
-
-def _repeat_cond(cond: Any, K: int) -> Any:
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond.repeat(K, *([1] * (cond.dim() - 1)))
-    raise TypeError("batched recomputation supports tensor conditioning only")
+        return mean.reshape(n, *traj.means.shape[1:])
 
 
 class EulerMaruyama(Sampler):
@@ -206,10 +220,12 @@ class ODEEuler(Sampler):
 class DDIM(Sampler):
     """DDIM(eta) written for any Gaussian marginal ``x_s = alpha x_0 + sigma eps``.
 
-    The score gives ``eps_hat = -sigma score`` and ``x0_hat = (x + sigma^2 score) / alpha``;
-    the step to ``s'`` is ``alpha' x0_hat + sqrt(sigma'^2 - std^2) eps_hat + std noise`` with
+    The process turns the network output into ``eps_hat`` and Tweedie's ``x0_hat``
+    (:meth:`ForwardProcess.to_eps`, :meth:`ForwardProcess.denoise`); the step to ``s'`` is
+    ``alpha' x0_hat + sqrt(sigma'^2 - std^2) eps_hat + std noise`` with
     ``std^2 = eta^2 sigma'^2 (sigma^2 - (alpha / alpha')^2 sigma'^2) / sigma^2``, the DDPM
     posterior variance scaled by ``eta^2`` (eta = 0: deterministic DDIM; eta = 1: DDPM).
+    On the discrete VP chain this is diffusers' ``DDIMScheduler.step`` (tested against it).
     """
 
     def __init__(self, process: ForwardProcess, num_steps: int, eta: float = 0.0, final_noise: bool = True):
@@ -221,11 +237,12 @@ class DDIM(Sampler):
 
     def transition(self, x, k, output):
         times = self.times.to(x.device)
-        a, sig = self.process.marginal_coeffs(times[k])
+        s = times[k]
+        a, sig = self.process.marginal_coeffs(s)
         a_next, sig_next = self.process.marginal_coeffs(times[k + 1])
         post_var = sig_next**2 * (sig**2 - (a / a_next) ** 2 * sig_next**2) / sig**2
         var = (self.eta**2 * post_var).clamp_min(0)
-        eps_hat = -_bcast(sig, x) * output
-        x0_hat = (x + _bcast(sig**2, x) * output) / _bcast(a, x)
+        eps_hat = self.process.to_eps(x, s, output)
+        x0_hat = self.process.denoise(x, s, output)
         mean = _bcast(a_next, x) * x0_hat + _bcast((sig_next**2 - var).clamp_min(0).sqrt(), x) * eps_hat
         return mean, var.sqrt()

@@ -18,9 +18,10 @@ from torch import Tensor
 
 from ..backbones.base import Backbone
 from ..core.samplers import GradWindow, Sampler
-from ..core.trajectory import Trajectory
+from ..core.trajectory import Generation, Trajectory
 from ..evaluation.diversity import mean_pairwise_levenshtein
 from ..rewards.base import Reward
+from ..seeding import derive_seed
 
 
 class _Iterations(torch.utils.data.Dataset):
@@ -79,24 +80,40 @@ class FineTuneMethod(L.LightningModule):
         self._true_reward = true_reward  # the genuine reward r (training curves), where known
         self._last_final: Tensor | None = None
         self._generator: torch.Generator | None = None
-        self._pending_generator_state: Tensor | None = None
+        self._data_generator: torch.Generator | None = None
+        self._pending_states: dict[str, Tensor | None] = {}
 
-    # --- randomness: one generator per run, saved in checkpoints so resume continues it --
+    # --- randomness ------------------------------------------------------------------------
+    # One rule for the whole project: chain noise (prior draws, transition noise, anything
+    # shaped like the chain's tensors) comes from ``generator``, which lives on the module's
+    # device; draws made on the CPU — data-set rows, random-K windows, index sets — come from
+    # ``data_generator``, always a CPU generator. Torch refuses a CUDA generator for a CPU
+    # draw (and vice versa), so mixing them would work on the CPU and fail on a GPU. Both are
+    # offset by rank (under DDP every process simulates different chains) and saved in
+    # checkpoints, so a resumed run continues both streams.
     @property
     def generator(self) -> torch.Generator:
         if self._generator is None:
-            # offset by rank: under DDP every process must simulate different chains
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
-            if self._pending_generator_state is not None:
-                self._generator.set_state(self._pending_generator_state)
+            if self._pending_states.get("generator_state") is not None:
+                self._generator.set_state(self._pending_states["generator_state"])
         return self._generator
+
+    @property
+    def data_generator(self) -> torch.Generator:
+        if self._data_generator is None:
+            self._data_generator = torch.Generator().manual_seed(derive_seed(self.seed, "data", self.global_rank))
+            if self._pending_states.get("data_generator_state") is not None:
+                self._data_generator.set_state(self._pending_states["data_generator_state"])
+        return self._data_generator
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_state"] = self.generator.get_state()
+        checkpoint["data_generator_state"] = self.data_generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_generator_state = checkpoint["generator_state"]
-        self._generator = None
+        self._pending_states = {k: checkpoint.get(k) for k in ("generator_state", "data_generator_state")}
+        self._generator = self._data_generator = None
 
     # --- what subclasses use -----------------------------------------------------------
     @property
@@ -110,8 +127,8 @@ class FineTuneMethod(L.LightningModule):
             traj = self.sampler.rollout(
                 policy or self.backbone, self.batch_size, generator=self.generator,
                 event_shape=self.backbone.event_shape, reference=self.reference if with_reference else None,
-                grad_window=self.grad_window if grad else None, checkpoint_steps=self.checkpoint_steps,
-                device=self.device, **kw)
+                grad_window=self.grad_window if grad else None, window_generator=self.data_generator,
+                checkpoint_steps=self.checkpoint_steps, device=self.device, **kw)
         self._last_final = traj.final.detach()
         return traj
 
@@ -134,6 +151,10 @@ class FineTuneMethod(L.LightningModule):
         opt = optimiser or self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self.clip_and_step(opt)
+
+    def clip_and_step(self, opt) -> None:
+        """Gradient-norm clipping (``max_grad_norm``) and the step, after one or several backwards."""
         if self.max_grad_norm is not None:
             params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -144,13 +165,18 @@ class FineTuneMethod(L.LightningModule):
         raise NotImplementedError
 
     def eval_policy(self):
-        """What the shared evaluation samples from (the fine-tuned backbone)."""
+        """The policy the default :meth:`generate` samples from (the fine-tuned backbone)."""
         return self.backbone
 
-    def eval_initial(self):
-        """``initial(n, generator) -> (x_init, kl [n])`` when the method learns the chain's
-        initial distribution (ELEGANT); ``None``: the process's prior."""
-        return None
+    @torch.no_grad()
+    def generate(self, n: int, generator: torch.Generator, cond: Any = None) -> Generation:
+        """``n`` samples of the fine-tuned model, with their KL to the pretrained one — the
+        only thing the shared evaluation asks of a method. Default: one rollout of
+        :meth:`eval_policy` on the configured sampler. Methods that are not one chain
+        (ELEGANT's two chains, particle samplers, value-guided sampling) override it."""
+        traj = self.sampler.rollout(self.eval_policy(), n, generator=generator, event_shape=self.backbone.event_shape,
+                                    cond=cond, reference=self.reference, device=generator.device)
+        return Generation(traj.final, {"kl_path": traj.path_kl()})
 
     # --- Lightning plumbing ----------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,7 +1,7 @@
 """DPOK (Fan et al. 2023): policy gradient with a KL penalty to the pretrained chain.
 
 Objective (q-learning paper eq. 35): ``reward_weight E[r(x_K)] - kl_weight sum_k
-KL(p_theta(.|x_k) ‖ p_pre(.|x_k))``. The reward part is DDPO's clipped surrogate with an
+KL(p_theta(.|x_k) ‖ p_pre(.|x_k))``. The reward part is the family's clipped surrogate with an
 unnormalised advantage ``reward_weight (r - mean r)`` (normalising would erase the
 reward weight that sets the trade-off); the KL part is the closed-form Gaussian KL of each
 step, differentiated through the recomputed means at the visited states.
@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from ..core.trajectory import Trajectory
-from .ddpo import DDPO
+from .policy_gradient import PolicyGradientMethod
 
 
-class DPOK(DDPO):
+class DPOK(PolicyGradientMethod):
     def __init__(self, *args, kl_weight: float = 1.0, **kw):
         kw.setdefault("normalize_advantages", False)
         super().__init__(*args, **kw)
@@ -25,11 +25,13 @@ class DPOK(DDPO):
         self.kl_weight = kl_weight
 
     def prepare(self, traj: Trajectory) -> None:
-        with torch.no_grad():
-            self._ref_means = self.sampler.recompute_means(self.reference, traj)
+        with torch.no_grad():  # the reference's means: constants of the KL, in the same step chunks
+            self._ref_means = self.sampler.recompute_means(self.reference, traj, chunk_steps=self.steps_per_backward)
 
-    def extra_loss(self, traj: Trajectory, means: Tensor, idx: Tensor) -> Tensor:
-        noisy = traj.stds > 0  # a deterministic last step (DDIM onto s = 0) has no Gaussian KL
-        var = traj.stds[noisy].reshape(-1, *([1] * (means.dim() - 1))) ** 2
-        kl = ((means[noisy] - self._ref_means[noisy][:, idx]) ** 2 / (2 * var)).flatten(2).sum(-1)  # [K', b]
+    def regulariser(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
+        stds = traj.stds[steps.start:steps.stop]
+        noisy = stds > 0  # a deterministic last step (DDIM onto s = 0) has no Gaussian KL
+        ref = self._ref_means[steps.start:steps.stop][:, idx]
+        var = stds[noisy].reshape(-1, *([1] * (means.dim() - 1))) ** 2
+        kl = ((means[noisy] - ref[noisy]) ** 2 / (2 * var)).flatten(2).sum(-1)  # [k', b]
         return self.kl_weight * kl.sum(0).mean()

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..core.processes import StationaryOUProcess
 from ..core.samplers import EulerMaruyama, GradWindow
+from ..core.trajectory import Generation
 from .reward_backprop import RewardBackprop
 
 PHASES = ("value", "initial", "drift")
@@ -132,14 +133,16 @@ class ELEGANT(RewardBackprop):
                 reference=self.initial_reference, grad_window=GradWindow("all") if grad else None,
                 device=self.device)
 
-    def eval_initial(self):
+    @torch.no_grad()
+    def generate(self, n: int, generator: torch.Generator, cond=None) -> Generation:
+        """The stage-2 chain draws the start, the fine-tuned chain runs from it; KL-Div adds
+        both path KLs (without stage 2: the prior start, ``kl_path`` alone)."""
         if not self.learns_initial:
-            return None
-
-        def initial(n: int, generator: torch.Generator):
-            traj = self.initial_rollout(n, generator)
-            return traj.final, traj.path_kl()
-        return initial
+            return super().generate(n, generator, cond)
+        init = self.initial_rollout(n, generator)
+        traj = self.sampler.rollout(self.eval_policy(), generator=generator, x_init=init.final, cond=cond,
+                                    reference=self.reference)
+        return Generation(traj.final, {"kl_path": traj.path_kl(), "kl_init": init.path_kl()})
 
     # --- one iteration ---------------------------------------------------------------------
     def update(self) -> dict[str, float]:

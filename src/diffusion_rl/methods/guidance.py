@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.sequence_transformer import SinusoidalTimeFeatures
-from ..core.processes import _bcast
+from ..core.processes import ForwardProcess, _bcast
 from .base import FineTuneMethod
 
 __all__ = ["TimeConditionedClassifier", "GuidedScore", "Guidance"]
@@ -111,9 +111,11 @@ class GuidedScore(nn.Module):
     is trained through sampling).
     """
 
-    def __init__(self, pretrained: nn.Module, classifier: TimeConditionedClassifier, guidance_scale: float):
+    def __init__(self, pretrained: nn.Module, classifier: TimeConditionedClassifier, guidance_scale: float,
+                 process: ForwardProcess):
         super().__init__()
         self.pretrained, self.classifier, self.guidance_scale = pretrained, classifier, float(guidance_scale)
+        self.process = process
 
     def classifier_grad(self, x: Tensor, s: Tensor) -> Tensor:
         """``grad_x log p(y = 1 | x, s)``, ``[B, *E]``."""
@@ -124,10 +126,13 @@ class GuidedScore(nn.Module):
         return grad
 
     def forward(self, x: Tensor, s: Tensor, cond: Any = None) -> Tensor:
-        score = self.pretrained(x, s, cond)
+        out = self.pretrained(x, s, cond)
         if self.guidance_scale == 0:
-            return score.detach()
-        return (score + self.guidance_scale * self.classifier_grad(x, s)).detach()
+            return out.detach()
+        # the guidance term is a score: added in score space, handed back in the network's own
+        # prediction type (the identity for score networks)
+        score = self.process.to_score(x, s, out) + self.guidance_scale * self.classifier_grad(x, s)
+        return self.process.from_score(x, s, score).detach()
 
 
 class Guidance(FineTuneMethod):
@@ -164,8 +169,8 @@ class Guidance(FineTuneMethod):
             raise ValueError("method guidance needs a dataset with sample(n, generator) to train its classifier "
                              f"(got {type(self.dataset).__name__})")
         process = self.sampler.process
-        if not process.score_parametrised:
-            raise ValueError(f"method guidance needs a score-parametrised process ({type(process).__name__} "
+        if process.prediction_type == "drift":
+            raise ValueError(f"method guidance needs a network with a score ({type(process).__name__} "
                              "predicts a drift)")
         try:
             process.marginal_coeffs(torch.tensor(float(process.T)))
@@ -181,30 +186,6 @@ class Guidance(FineTuneMethod):
         self.backbone.requires_grad_(False)
         self.register_buffer("label_threshold", torch.tensor(float("nan")))
         self.register_buffer("label_strict", torch.tensor(False))
-        self._data_generator: torch.Generator | None = None
-        self._pending_data_state: Tensor | None = None
-
-    # --- randomness of the data draws --------------------------------------------------------
-    @property
-    def data_generator(self) -> torch.Generator:
-        """Data sets draw on the CPU: ``self.generator`` there, else a CPU generator of the same seed."""
-        if self.generator.device.type == "cpu":
-            return self.generator
-        if self._data_generator is None:
-            self._data_generator = torch.Generator().manual_seed(self.seed + self.global_rank)
-            if self._pending_data_state is not None:
-                self._data_generator.set_state(self._pending_data_state)
-        return self._data_generator
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._data_generator is not None:
-            checkpoint["data_generator_state"] = self._data_generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._pending_data_state = checkpoint.get("data_generator_state")
-        self._data_generator = None
 
     # --- labels ------------------------------------------------------------------------------
     def _draw_data(self, n: int) -> Tensor:
@@ -254,4 +235,4 @@ class Guidance(FineTuneMethod):
         return torch.optim.Adam(self.classifier.parameters(), lr=self.lr)
 
     def eval_policy(self) -> GuidedScore:
-        return GuidedScore(self.reference, self.classifier, self.guidance_scale)
+        return GuidedScore(self.reference, self.classifier, self.guidance_scale, self.sampler.process)

@@ -9,7 +9,7 @@ return-to-go
 
     A_k = r(x_K) - kl_weight * sum_{j >= k} KL_j     (minus its batch mean at step k),
 
-normalised by its standard deviation as in DDPO. The policy update is DDPO's clipped
+normalised by its standard deviation as in DDPO. The policy update is the family's clipped
 surrogate on those per-step advantages; no gradient flows through the KL itself. The
 objective's optimum is the same entropy-regularised one as ELEGANT's drift control with
 ``alpha = kl_weight`` (its initial distribution stays the pretrained prior).
@@ -20,10 +20,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..core.trajectory import Trajectory
-from .ddpo import DDPO
+from .policy_gradient import PolicyGradientMethod
 
 
-class PPOKL(DDPO):
+class PPOKL(PolicyGradientMethod):
     def __init__(self, *args, kl_weight: float = 0.1, **kw):
         super().__init__(*args, **kw)
         if kl_weight < 0:

@@ -77,7 +77,7 @@ class QLearning(FineTuneMethod):
         dt = (traj.times[:-1] - traj.times[1:]).unsqueeze(1)  # [K, 1]
         d = x.shape[-1]
 
-        data = self.dataset.sample(self.data_samples, self.generator).to(x.device)
+        data = self.dataset.sample(self.data_samples, self.data_generator).to(x.device)
         score_hat = ratio_score(self.sampler.process, x, s, data, self.delta)
         running = (-0.5 * g2 * ((a - score_hat) ** 2).sum(-1)).reshape(K, B)
         mu = self.backbone(x, s)

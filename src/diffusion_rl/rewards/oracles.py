@@ -13,10 +13,8 @@ scenario where oracles are imperfect." §8.2 then compares ``r_hat`` with the ge
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..cache import cached
 from ..data.sequences import SequenceData, one_hot
 from ..data.tfbind8 import TFBind8ExactLookup
 from .base import Reward
@@ -249,10 +248,11 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
     ``normalize_y`` fits min-max-normalised labels (over the task's whole table), so an oracle
     with an output sigmoid (ELEGANT Table 5) is bounded like TFBind8's normalised E-score.
 
-    Trained once per (data, network, settings): weights and R² go to
-    ``<cache_dir>/oracle/<hash>/`` and later runs load them. ``oracle.json`` there records
-    the held-out R² and, when the task has more rows than its training split, the R² on all
-    rows (how far the oracle is trusted off the training distribution).
+    Trained once per (data, network, settings): weights and R² go to the cache entry
+    ``<cache_dir>/oracle/<key>/`` (:func:`diffusion_rl.cache.cached`) and later runs load them.
+    ``oracle.json`` there records the held-out R² and, when the task has more rows than its
+    training split, the R² on all rows (how far the oracle is trusted off the training
+    distribution).
     """
     if rows not in ("train", "full"):
         raise ValueError(f"reward.rows must be 'train' or 'full' (got {rows!r})")
@@ -264,29 +264,27 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
         return (y - lo) / (hi - lo)
     settings = dict(data=data.name, rows=len(data), normalize_y=normalize_y, net=repr(net), train_fraction=train_fraction, epochs=epochs,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / "oracle" / key
-    weights, summary = folder / "oracle.pt", folder / "oracle.json"
-    if weights.exists():
-        net.load_state_dict(torch.load(weights, map_location="cpu"))
-    else:
+
+    def fit(folder: Path) -> None:
         module = OracleRegression(net, data.tokens, target(data.y), dataset.vocab_size, train_fraction=train_fraction,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
-        log.info("fitting oracle on %s (%d rows x %.2f, %d epochs) -> %s", data.name, len(data), train_fraction,
-                 epochs, folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        log.info("fitting oracle on %s (%d rows x %.2f, %d epochs)", data.name, len(data), train_fraction, epochs)
         L.Trainer(max_epochs=epochs, logger=L.pytorch.loggers.CSVLogger(folder, name="", version=""),
                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                   num_sanity_val_steps=0, accelerator="cpu", devices=1).fit(module)
         r2 = {"heldout_r2": module.heldout_r2(), **settings}
         # how well r_hat ranks what the pretrained model generates (its training split)
         r2["train_split_r2"] = r2_score(module.net, dataset.train.tokens, target(dataset.train.y), dataset.vocab_size)
-        summary.write_text(json.dumps(r2, indent=2))
-        tmp = weights.with_suffix(".tmp")
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, weights)  # atomic: a killed fit never leaves a half-written cache entry
+        (folder / "oracle.json").write_text(json.dumps(r2, indent=2))
+        torch.save(net.state_dict(), folder / "oracle.pt")
+
+    def load(folder: Path) -> tuple[Path, dict]:
+        net.load_state_dict(torch.load(folder / "oracle.pt", map_location="cpu"))
+        return folder, json.loads((folder / "oracle.json").read_text())
+
+    folder, summary = cached("oracle", settings, cache_dir, fit, load)
     reward = OracleReward(net, dataset.vocab_size, offset=dataset.state_offset)
-    reward.summary = json.loads(summary.read_text())
+    reward.summary = summary
     log.info("oracle %s: %s", folder, {k: v for k, v in reward.summary.items() if k.endswith("r2")})
     return reward
 
