@@ -65,6 +65,22 @@ def describe(proc: subprocess.CompletedProcess) -> str:
     return f"rc={proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-3000:]}"
 
 
+def compose_config(overrides: Sequence[str]):
+    """The config ``diffusion-rl *overrides`` would run with."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=list(overrides))
+
+
+def method_class(name: str) -> type:
+    """The class ``method=<name>`` builds: its capability flags (``fine_tunes``,
+    ``needs_differentiable_reward``, ...) decide what a test runs it with."""
+    from hydra.utils import get_class
+
+    return get_class(compose_config([f"method={name}"]).method._target_)
+
+
 @pytest.fixture
 def cli_paths(tmp_path: Path) -> list[str]:
     """``paths.*`` overrides pointing at this test's tmp dir."""

@@ -3,11 +3,12 @@ without touching an existing run folder."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import describe, last_error_line, path_overrides, run_cli_many
+from conftest import describe, last_error_line, path_overrides, run_cli, run_cli_many
 
 SENTINEL_TEXT = "do not touch\n"
 CONFIG_TEXT = "# an earlier run's config\nseed: 123\n"
@@ -26,6 +27,18 @@ CASES = {
 CONSTRUCTOR_CASES = {
     "zero_minibatches": (["method=ddpo", "method.minibatches=0"], ["minibatches"]),
 }
+
+
+#: pairs the methods' capability flags rule out (and a range check), with the words of the line
+INCOMPATIBLE = {
+    "qlearning_on_tokens": (["method=qlearning", "dataset=tfbind8"], ["method=qlearning", "dataset=tfbind8", "tokens"]),
+    "backprop_with_box_indicator": (["method=nokl"], ["method=nokl", "reward=swiss_roll_box", "differentiable"]),
+    "dpok_on_the_ode": (["method=dpok", "sampler=ode_euler"], ["method=dpok", "sampler=ode_euler", "deterministic"]),
+    "ppo_kl_on_ddim_eta_0": (["method=ppo_kl", "sampler=ddim", "sampler.eta=0"], ["method=ppo_kl", "sampler=ddim"]),
+    "out_of_range": (["sampler.num_steps=0"], ["sampler.num_steps"]),
+}
+#: the issue's bound; the check itself takes ~1 s, most of it Python and Hydra starting up
+REJECT_SECONDS = 3.0
 
 
 def prepare_existing_run(folder: Path) -> dict[str, tuple[str, int]]:
@@ -113,3 +126,20 @@ def test_bad_data_file_fails_before_compute_naming_the_file(tmp_path, swiss_cach
     assert "Traceback" not in proc.stderr
     assert snapshot(run_dir) == before and not (run_dir / "metrics.json").exists()
     assert not (tmp_path / "cache").exists()  # nothing was computed
+
+
+@pytest.mark.parametrize("name", list(INCOMPATIBLE))
+def test_incompatible_pair_is_rejected_in_one_line_before_anything_is_written(tmp_path, cli_paths, name):
+    """One ``error:`` line, exit 2, fast (no torch / Lightning import), and no run folder,
+    cache or anything else created. Run one at a time: the timing is the point."""
+    overrides, words = INCOMPATIBLE[name]
+    start = time.perf_counter()
+    proc = run_cli([*overrides, f"hydra.run.dir={tmp_path / 'run'}", *cli_paths])
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, describe(proc)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), describe(proc)
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert elapsed < REJECT_SECONDS, f"{elapsed:.2f} s"
+    assert list(tmp_path.iterdir()) == []

@@ -3,16 +3,16 @@ group; experiment tables only reference groups they define; composed configs pas
 
 from __future__ import annotations
 
-from pathlib import Path
+import typing
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import OmegaConf
 
-from diffusion_rl.validation import ConfigError, check_group_overrides, validate
+from diffusion_rl.validation import METHOD_FLAGS, ConfigError, check_compatibility, check_group_overrides, class_flags, validate
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "debug"))
@@ -25,26 +25,34 @@ def options(group: str) -> list[str]:
 METHODS = options("method")
 
 
-#: options that only make sense together: sequence backbones and oracles read the dataset's
-#: length and alphabet, so they compose with a sequence dataset
-SEQUENCE = ["dataset=tfbind8", "reward=tfbind8_oracle", "process=vp", "backbone=sequence_transformer"]
+#: options that read a sequence dataset's length and alphabet: they compose with one (whose
+#: preset brings the rest)
 COMPANIONS = {
-    ("dataset", "tfbind8"): SEQUENCE,
-    ("dataset", "gfp"): ["dataset=gfp", "reward=gfp_oracle", "process=vp", "backbone=sequence_transformer"],
-    ("reward", "tfbind8_oracle"): SEQUENCE,
-    ("reward", "gfp_oracle"): ["dataset=gfp", "backbone=sequence_transformer"],
-    ("backbone", "sequence_transformer"): SEQUENCE,
+    ("reward", "tfbind8_oracle"): "dataset=tfbind8",
+    ("reward", "gfp_oracle"): "dataset=gfp",
+    ("true_reward", "tfbind8_exact"): "dataset=tfbind8",
+    ("true_reward", "gfp_proxy_oracle"): "dataset=gfp",
+    ("backbone", "sequence_transformer"): "dataset=tfbind8",
+}
+
+#: dataset -> what its preset selects
+PRESETS = {
+    "swiss_roll": {"reward": "swiss_roll_box", "true_reward": None, "process": "ou", "backbone": "mlp"},
+    "gmm1d": {"reward": "near_six", "true_reward": None, "process": "ou", "backbone": "mlp"},
+    "tfbind8": {"reward": "tfbind8_oracle", "true_reward": "tfbind8_exact", "process": "vp",
+                "backbone": "sequence_transformer"},
+    "gfp": {"reward": "gfp_oracle", "true_reward": "gfp_proxy_oracle", "process": "vp", "backbone": "sequence_transformer"},
 }
 
 
 def with_companions(group: str, option: str) -> list[str]:
-    extra = [o for o in COMPANIONS.get((group, option), []) if not o.startswith(f"{group}=")]
-    return [f"{group}={option}", *extra]
+    extra = COMPANIONS.get((group, option))
+    return [f"{group}={option}", *([extra] if extra else [])]
 
 
-def compose_config(overrides: list[str]):
+def choices(overrides: list[str]) -> dict:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose("config", overrides=overrides)
+        return dict(compose("config", overrides=overrides, return_hydra_config=True).hydra.runtime.choices)
 
 
 def test_the_config_groups_exist():
@@ -98,6 +106,110 @@ def test_cheap_components_instantiate(group):
             assert instantiate(cfg[group]) is not None
 
 
+# ------------------------------------------------------------------ presets
+
+
+def test_every_dataset_has_a_preset():
+    assert set(PRESETS) == set(options("dataset"))
+
+
+@pytest.mark.parametrize("extra", [[], ["debug=smoke"], ["method=guidance", "debug=smoke"]], ids=["plain", "smoke", "guidance"])
+@pytest.mark.parametrize("dataset", list(PRESETS))
+def test_a_dataset_brings_its_companions(dataset, extra):
+    chosen = choices([f"dataset={dataset}", *extra])
+    assert {g: chosen[g] for g in PRESETS[dataset]} == PRESETS[dataset]
+    cfg = compose_config([f"dataset={dataset}", *extra])
+    OmegaConf.to_container(cfg, resolve=True)
+    validate(cfg)
+    # the MLP's width and the transformer's shape follow the dataset
+    if chosen["backbone"] == "mlp":
+        assert cfg.backbone.dim == cfg.dataset.dim
+    else:
+        assert (cfg.backbone.length, cfg.backbone.vocab_size) == (cfg.dataset.length, cfg.dataset.vocab_size)
+
+
+def test_the_command_line_wins_over_the_preset():
+    chosen = choices(["dataset=tfbind8", "reward=swiss_roll_box", "process=ou"])
+    assert (chosen["reward"], chosen["process"], chosen["backbone"]) == ("swiss_roll_box", "ou", "sequence_transformer")
+    # Hydra drops a group with `~group` (`group=null` is not accepted on its command line)
+    assert "true_reward" not in compose_config(["dataset=tfbind8", "~true_reward"])
+    # also over an experiment that selects the dataset, and in either order
+    for overrides in (["experiment=elegant_tfbind8", "reward=gfp_oracle"], ["reward=gfp_oracle", "experiment=elegant_tfbind8"]):
+        assert choices(overrides)["reward"] == "gfp_oracle"
+    # a dataset chosen on the command line replaces an experiment's, with its own companions
+    chosen = choices(["experiment=elegant_tfbind8", "dataset=gfp"])
+    assert (chosen["dataset"], chosen["reward"], chosen["true_reward"]) == ("gfp", "gfp_oracle", "gfp_proxy_oracle")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_an_experiment_inherits_its_datasets_companions(name):
+    chosen = choices([f"experiment={name}"])
+    assert {g: chosen[g] for g in PRESETS[chosen["dataset"]]} == PRESETS[chosen["dataset"]]
+
+
+# ------------------------------------------------------------------ capability flags
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_statically_read_method_flags_equal_the_class(method):
+    """validation reads the flags from the source: it must agree with the imported class."""
+    cfg = compose_config([f"method={method}"])
+    cls = get_class(cfg.method._target_)
+    assert class_flags(cfg.method, METHOD_FLAGS) == {name: getattr(cls, name) for name in METHOD_FLAGS}
+    assert set(cls.sample_kinds) <= {"vectors", "tokens", "images"}
+
+
+def test_statically_read_flags_of_datasets_rewards_and_samplers_equal_the_objects():
+    for dataset in options("dataset"):
+        cfg = compose_config([f"dataset={dataset}"])
+        assert class_flags(cfg.dataset, ("sample_kind",)) == {"sample_kind": get_class(cfg.dataset._target_).sample_kind}
+    for group in ("reward", "true_reward"):
+        for option in options(group):
+            cfg = compose_config(with_companions(group, option))
+            target = get_method(cfg[group]._target_)
+            # a factory (oracles are fitted by one) declares the class it returns
+            cls = target if isinstance(target, type) else typing.get_type_hints(target)["return"]
+            assert class_flags(cfg[group], ("differentiable",)) == {"differentiable": cls.differentiable}, option
+    for option, extra in [(o, []) for o in options("sampler")] + [("ddim", ["sampler.eta=1.0"]), ("ddim", ["sampler.eta=0"])]:
+        cfg = compose_config([f"sampler={option}", *extra])
+        sampler = instantiate(cfg.sampler, process=instantiate(cfg.process))
+        assert class_flags(cfg.sampler, ("stochastic",)) == {"stochastic": sampler.stochastic}, (option, extra)
+
+
+def test_flags_say_what_the_methods_need():
+    flags = {m: class_flags(compose_config([f"method={m}"]).method, METHOD_FLAGS) for m in METHODS}
+    assert {m for m, f in flags.items() if not f["fine_tunes"]} == {"pretrained", "guidance"}
+    assert {m for m, f in flags.items() if f["needs_differentiable_reward"]} == \
+        {"reward_backprop", "nokl", "truncation", "random_k", "elegant"}
+    assert {m for m, f in flags.items() if f["needs_stochastic_sampler"]} == {"ddpo", "dpok", "ppo_kl"}
+    assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == {"qlearning"}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["method=qlearning", "dataset=tfbind8"], ["method=qlearning", "dataset=tfbind8", "tokens"]),
+    (["method=qlearning", "dataset=gfp"], ["method=qlearning", "dataset=gfp"]),
+    (["method=nokl"], ["method=nokl", "reward=swiss_roll_box", "differentiable"]),
+    (["method=elegant", "dataset=tfbind8", "reward=swiss_roll_box"], ["method=elegant", "reward=swiss_roll_box"]),
+    (["method=dpok", "sampler=ode_euler"], ["method=dpok", "sampler=ode_euler", "stochastic"]),
+    (["method=ddpo", "sampler=ddim", "sampler.eta=0"], ["method=ddpo", "sampler=ddim"]),
+    (["method=ppo_kl", "dataset=tfbind8", "sampler=ode_euler"], ["method=ppo_kl", "sampler=ode_euler"]),
+])
+def test_incompatible_pairs_are_named(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        check_compatibility(compose_config(overrides), choices(overrides))
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=qlearning", "sampler=ddim"], ["method=qlearning", "sampler=ode_euler"], ["method=dpok", "sampler=ddim", "sampler.eta=1"],
+    ["method=nokl", "dataset=gmm1d"], ["method=elegant", "dataset=tfbind8"], ["method=guidance", "dataset=tfbind8"],
+    ["method=dpok"], ["method=pretrained", "dataset=gfp", "sampler=ode_euler"],
+])
+def test_compatible_pairs_pass(overrides):
+    check_compatibility(compose_config(overrides), choices(overrides))
+
+
 # ------------------------------------------------------------------ experiments
 
 
@@ -138,7 +250,9 @@ def test_experiment_table_rows_reference_defined_groups(name):
         sweep = [f"{k}={vals[0]}" for k, vals in (spec.get("sweep") or {}).items()]
         overrides = [*list(spec.get("overrides") or []), *sweep]
         check_group_overrides(overrides, CONF_DIR)
-        validate(compose_config([f"experiment={name}", *overrides]))
+        cfg = compose_config([f"experiment={name}", *overrides])
+        validate(cfg)
+        check_compatibility(cfg)  # every table group is a pair that runs
 
 
 # ------------------------------------------------------------------ group check

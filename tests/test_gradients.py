@@ -9,7 +9,7 @@ import torch
 
 from diffusion_rl.backbones.mlp import MLPBackbone
 from diffusion_rl.core.processes import OUProcess
-from diffusion_rl.core.samplers import EulerMaruyama
+from diffusion_rl.core.samplers import EulerMaruyama, ODEEuler
 from diffusion_rl.data.toy import SwissRoll
 from diffusion_rl.methods.ddpo import DDPO
 from diffusion_rl.methods.dpok import DPOK
@@ -29,8 +29,10 @@ def build(cls, reward=None, **kw):
     torch.manual_seed(0)
     backbone = MLPBackbone(2, hidden=16)
     sampler = EulerMaruyama(OUProcess(T=1.0), 4)
-    # the box covers about half of where the chains end, so rewards (and advantages) vary
-    reward = reward or BoxIndicator([-100.0, 0.0], [100.0, 100.0])
+    # the box covers about half of where the chains end, so rewards (and advantages) vary;
+    # a method that backpropagates the reward gets a differentiable one
+    reward = reward or (QuadraticTarget([1.0, 1.0]) if cls.needs_differentiable_reward
+                        else BoxIndicator([-100.0, 0.0], [100.0, 100.0]))
     return cls(backbone, sampler, reward, dataset=SwissRoll(noise=1.0, scale=0.1), **{**COMMON, **kw})
 
 
@@ -61,8 +63,7 @@ METHODS = {
     "dpok": lambda: build(DPOK, minibatches=2, kl_weight=1.0, reward_weight=5.0),
     "qlearning": build_qlearning,
     "ppo_kl": lambda: build(PPOKL, minibatches=2, kl_weight=0.1),
-    "reward_backprop": lambda: build(RewardBackprop, reward=QuadraticTarget([1.0, 1.0]), kl_weight=1.0,
-                                     grad_window={"kind": "all"}),
+    "reward_backprop": lambda: build(RewardBackprop, kl_weight=1.0, grad_window={"kind": "all"}),
 }
 
 
@@ -159,9 +160,14 @@ def test_ddpo_runs_with_a_stochastic_ddim_sampler(tmp_path):
     assert changed(before, snapshot(method), "backbone.")
 
 
-def test_reward_backprop_rejects_a_non_differentiable_reward():
-    with pytest.raises(ValueError, match="differentiable"):
-        build(RewardBackprop, grad_window={"kind": "all"})
+def test_methods_reject_what_their_flags_rule_out():
+    box = BoxIndicator([-100.0, 0.0], [100.0, 100.0])
+    for cls in (RewardBackprop, ELEGANT):
+        with pytest.raises(ValueError, match="differentiable"):
+            build(cls, reward=box, **({"kl_weight": 0.5} if cls is ELEGANT else {}))
+    for cls in (DDPO, DPOK, PPOKL):
+        with pytest.raises(ValueError, match="stochastic"):
+            cls(MLPBackbone(2, hidden=16), ODEEuler(OUProcess(T=1.0), 4), box, **COMMON)
 
 
 def test_ppo_kl_advantages_are_kl_returns_to_go():
@@ -180,7 +186,7 @@ def test_ppo_kl_advantages_are_kl_returns_to_go():
 def test_elegant_stages_train_their_own_networks_only(tmp_path):
     """Stage 1 moves the value net, stage 2 the initial-distribution control, stage 3 the
     backbone; the pretrained reference never moves and never gets a gradient."""
-    method = build(ELEGANT, reward=QuadraticTarget([1.0, 1.0]), kl_weight=0.5, iterations=3, value_fraction=0.2,
+    method = build(ELEGANT, kl_weight=0.5, iterations=3, value_fraction=0.2,
                    initial_fraction=0.2, initial_steps=3)
     assert method.phase_ends == (1, 2, 3)
     prefixes = ("backbone.", "value_net.", "initial_control.", "reference.")
@@ -199,7 +205,7 @@ def test_elegant_stages_train_their_own_networks_only(tmp_path):
 def test_elegant_initial_chain_starts_at_the_stationary_reference():
     """Before stage 2 the control's gain is 0: the initial chain is the N(0, I)-preserving SDE,
     its path KL is 0 and its samples keep unit variance."""
-    method = build(ELEGANT, reward=QuadraticTarget([1.0, 1.0]), kl_weight=0.5, iterations=10, initial_steps=20)
+    method = build(ELEGANT, kl_weight=0.5, iterations=10, initial_steps=20)
     traj = method.initial_rollout(4000, torch.Generator().manual_seed(0))
     assert traj.path_kl().abs().max().item() == 0.0
     var = traj.final.var(0)

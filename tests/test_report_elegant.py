@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from diffusion_rl.report.curves import aggregate_curves, read_curves
 from diffusion_rl.report.exact_rows import exact_optimum_row
-from diffusion_rl.report.experiments import (Run, aggregate_seeds, collect_runs, group_command, select_runs,
+from diffusion_rl.report.experiments import (aggregate_seeds, collect_runs, group_command, select_runs,
                                              values_match)
 from diffusion_rl.report.figures import histogram_data, write_figure
 from diffusion_rl.report.tables import render_table, write_report
@@ -162,15 +162,12 @@ def test_exact_row_matches_brute_force():
 
 
 class FakeTask:
-    """The sequence-task interface exact_rows relies on (train split, true reward)."""
+    """The sequence-task interface exact_rows relies on (the train split)."""
 
     def __init__(self, length: int, vocab_size: int, n: int):
         from types import SimpleNamespace
         tokens = torch.from_numpy(np.random.default_rng(2).integers(0, vocab_size, (n, length)))
         self.train = SimpleNamespace(tokens=tokens, length=length, vocab_size=vocab_size)
-
-    def true_reward(self):
-        return lambda x: x.float().sum(-1)
 
 
 def test_exact_row_in_table_is_cached(tmp_path, monkeypatch):
@@ -182,6 +179,7 @@ def test_exact_row_in_table_is_cached(tmp_path, monkeypatch):
         calls.append(1)
         return lambda x: (x == 0).float().mean(-1)
     monkeypatch.setattr(runner, "build_reward", fake_build_reward)
+    monkeypatch.setattr(runner, "build_true_reward", lambda cfg, dataset: lambda x: x.float().sum(-1))
     table = elegant_table(rows=[{"label": "Exact optimum", "exact_optimum": {"alpha": 0.1}, "paper": {"r̂": "0.9"}}],
                           exact_optimum_smoothing=0.01,
                           columns={"reward_mean": "r̂", "reward_true_mean": "r", "kl_div": "KL-Div", "diversity": "Div"})

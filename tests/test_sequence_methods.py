@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import describe, path_overrides, run_cli_many
+from conftest import CONF_DIR, describe, method_class, path_overrides, run_cli_many
 
-METHODS = ["pretrained", "elegant", "nokl", "truncation", "random_k", "ppo_kl", "guidance"]
-DATASETS = {
-    "tfbind8": ["dataset=tfbind8", "reward=tfbind8_oracle", (8, 4)],
-    "gfp": ["dataset=gfp", "reward=gfp_oracle", (237, 20)],
-}
+#: every method that declares it works on tokens
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("[!_]*.yaml") if "tokens" in method_class(p.stem).sample_kinds)
+#: the dataset alone: its preset brings its oracle, genuine reward, VP process and transformer
+DATASETS = {"tfbind8": (8, 4), "gfp": (237, 20)}
 N_SAMPLES = 64  # debug=smoke evaluation: 2 batches of 32
 
 
@@ -29,9 +28,8 @@ def sequence_runs(tmp_path_factory):
     cache = root / "cache"
 
     def command(dataset, method):
-        data, reward, _ = DATASETS[dataset]
-        return ["debug=smoke", data, reward, "process=vp", "backbone=sequence_transformer", f"method={method}",
-                f"hydra.run.dir={root / dataset / method}", *path_overrides(root, cache)]
+        return ["debug=smoke", f"dataset={dataset}", f"method={method}", f"hydra.run.dir={root / dataset / method}",
+                *path_overrides(root, cache)]
 
     # first wave: one run per dataset fits its oracles and pretrains; the rest load the cache
     first = [(d, "pretrained") for d in DATASETS]
@@ -47,7 +45,7 @@ def test_sequence_run_contract(sequence_runs, dataset, method):
     runs, _ = sequence_runs
     proc, run_dir = runs[(dataset, method)]
     assert proc.returncode == 0, describe(proc)
-    length, vocab = DATASETS[dataset][2]
+    length, vocab = DATASETS[dataset]
 
     samples = np.load(run_dir / "samples.npy")
     assert samples.shape == (N_SAMPLES, length) and samples.dtype == np.int64
@@ -61,12 +59,13 @@ def test_sequence_run_contract(sequence_runs, dataset, method):
     assert metrics["reward_mean"] == pytest.approx(float(rewards.mean()), rel=1e-5)
     assert 0 <= metrics["diversity"] <= length
     assert metrics["kl_div"] >= 0 and (metrics["kl_div"] > 0) == (method != "pretrained")
+    assert {"pretrained", "guidance", "elegant", "nokl", "ppo_kl"} <= set(METHODS)
     if dataset == "tfbind8":
         assert 0 <= metrics["reward_true_mean"] <= 1  # the exact lookup of normalised E-scores
     else:
         assert "true_oracle_heldout_r2" in metrics  # the proxy r is a fitted oracle, said so
 
-    if method not in ("pretrained", "guidance"):
+    if method_class(method).fine_tunes:
         with open(run_dir / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
         for curve in ("train/reward_true", "train/diversity"):

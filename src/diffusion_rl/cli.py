@@ -9,9 +9,10 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .validation import ConfigError, check_group_overrides, validate
+from .validation import ConfigError, check, check_group_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger(__name__)
@@ -22,12 +23,25 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def _task(cfg: DictConfig) -> float | None:
+def _check(cfg: DictConfig, choices) -> None:
     try:
-        validate(cfg)
+        check(cfg, choices)
     except ConfigError as err:
         _fail(str(err))
+
+
+class PreRunChecks(Callback):
+    """``hydra.callbacks``: checks a single run's config before Hydra creates its folder
+    (Hydra makes the job's output folder before it calls the task)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check(config, config.hydra.runtime.choices)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _task(cfg: DictConfig) -> float | None:
+    # again here for the jobs of a sweep (-m), whose configs exist only once a job starts
+    _check(cfg, HydraConfig.get().runtime.choices)
     import lightning as L  # heavy imports after validation: bad input fails fast
     import torch
 

@@ -101,11 +101,20 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
     return cached("pretrain", pretrain_config(cfg), cfg.paths.cache_dir, fit, load)
 
 
-def build_reward(cfg: DictConfig, dataset):
-    """The nominal reward. Rewards learned from the data (oracles) are declared
-    ``_partial_: true`` in their YAML and receive the dataset here."""
-    reward = instantiate(cfg.reward)
+def bind_reward(reward, dataset):
+    """Rewards that read the data (oracles, the exact lookup) are declared ``_partial_: true``
+    in their YAML and receive the dataset here."""
     return reward(dataset=dataset) if isinstance(reward, functools.partial) else reward
+
+
+def build_reward(cfg: DictConfig, dataset):
+    """The nominal reward."""
+    return bind_reward(instantiate(cfg.reward), dataset)
+
+
+def build_true_reward(cfg: DictConfig, dataset):
+    """The genuine reward ``r`` (``true_reward``), or ``None`` where none is known."""
+    return None if cfg.get("true_reward") is None else bind_reward(instantiate(cfg.true_reward), dataset)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -146,13 +155,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("already finished: %s", done)
         return json.loads(done.read_text())
     dataset = instantiate(cfg.dataset)  # cheap constructors first: their range checks fail before any write
+    # the genuine reward's network (if any) is built here, where it was built as part of the
+    # dataset before, so that every later draw from the global RNG stays where it was
+    true_reward = None if cfg.get("true_reward") is None else instantiate(cfg.true_reward)
     process = instantiate(cfg.process)
     sampler = instantiate(cfg.sampler, process=process)
     kind = sample_kind(dataset)  # a requested metric that cannot read it fails here, before any compute
     eval_metrics = build_metrics(cfg.eval.compute, cfg.eval.get("select"), kind)
     reward = build_reward(cfg, dataset)  # an oracle is fitted (or loaded) here, into the cache
     backbone = pretrained_backbone(cfg, dataset, process)  # writes only to the cache
-    method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset, seed=cfg.seed)
+    true_reward = bind_reward(true_reward, dataset)  # a proxy oracle is fitted (or loaded) here, as before
+    method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset, seed=cfg.seed,
+                         true_reward=true_reward)
     run_dir.mkdir(parents=True, exist_ok=True)  # every constructor has checked its input by now
     OmegaConf.save(cfg, run_dir / "config.yaml")
 
@@ -186,7 +200,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # the evaluation's two streams, by the project's rule: chain noise on the device, data draws on the CPU
     generator = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
     data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.eval.seed), "data"))
-    true_reward = dataset.true_reward() if hasattr(dataset, "true_reward") else None
     metrics, samples, rewards = evaluate(
         method.generate, reward.to(device), eval_cfg, eval_metrics, kind=kind, generator=generator,
         data_generator=data_generator, data=dataset, decode=method.decode,

@@ -6,9 +6,11 @@ A *task* bundles what every stage needs from one sequence dataset:
   score-matching pretraining and the guidance classifier draw);
 * ``train``: the labelled training rows (``SequenceData``) the diffusion model and the
   nominal oracle ``r_hat`` are fitted to;
-* ``encode`` / ``decode``: tokens ↔ diffusion states (argmax decoding);
-* ``true_reward()``: the genuine reward ``r`` where one exists (TFBind8: exact lookup;
-  GFP: a proxy oracle fitted on all rows, built lazily and cached).
+* ``encode`` / ``decode``: tokens ↔ diffusion states (argmax decoding).
+
+The genuine reward ``r`` is not part of a task: it is its own config entry
+(``conf/true_reward/``), built by the runner like the nominal reward, so ``data/`` imports
+nothing from ``rewards/``.
 
 ``length`` and ``vocab_size`` are checked against the data, so configs can interpolate them
 (``backbone.length: ${dataset.length}``) without loading anything.
@@ -33,6 +35,8 @@ class SequenceTask:
 
     full: SequenceData
     train: SequenceData
+    #: what a sample is (validation matches it against a method's ``sample_kinds``)
+    sample_kind = "tokens"
 
     def __init__(self, full: SequenceData, train: SequenceData, length: int, vocab_size: int):
         if (train.length, train.vocab_size) != (length, vocab_size):
@@ -69,26 +73,14 @@ class SequenceTask:
         idx = torch.randint(0, len(self.train), (n,), generator=generator)
         return self.encode(self.train.tokens[idx])
 
-    def true_reward(self):
-        """The genuine reward ``r`` (tokens ``[B, L]`` -> ``[B]``), or ``None``."""
-        return None
-
 
 class TFBind8Task(SequenceTask):
     """TFBind8: design-bench's training split (y <= median, 32,898 rows) for the diffusion
-    model and ``r_hat``; the genuine reward is the exact lookup over all 4^8 8-mers."""
+    model and ``r_hat``; ``full`` holds all 4^8 8-mers (the exact lookup's table)."""
 
     def __init__(self, data_dir: str | Path, length: int = 8, vocab_size: int = 4):
         full = load_tfbind8(data_dir)
         super().__init__(full, tfbind8_train_split(full), length, vocab_size)
-        self._true = None
-
-    def true_reward(self):
-        from ..rewards.oracles import ExactLookupReward  # rewards import data, not the reverse
-
-        if self._true is None:
-            self._true = ExactLookupReward(self.full)
-        return self._true
 
 
 class GFPTask(SequenceTask):
@@ -97,16 +89,15 @@ class GFPTask(SequenceTask):
     ELEGANT App. F.1.1: the top samples form the training set, and the model works on "the
     difference between the original sequence and the baseline sequence": states are
     ``one_hot(x) - one_hot(wild type)``, so the wild type sits at the origin and a mutation
-    is a +1/-1 pair. The genuine reward is unknown; ``true_oracle`` (a partially built
-    ``trained_oracle``) fits a proxy on *all* 51,715 rows, which the reports label as a proxy.
+    is a +1/-1 pair. The genuine reward is unknown (``true_reward=gfp_proxy_oracle`` fits a
+    proxy on *all* 51,715 rows, which the reports label as a proxy).
     """
 
     def __init__(self, data_dir: str | Path, top_fraction: float, length: int = 237, vocab_size: int = 20,
-                 max_samples: int | None = None, true_oracle=None):
+                 max_samples: int | None = None):
         full = load_gfp(data_dir)
         super().__init__(full, gfp_elegant_train_split(full, top_fraction, max_samples), length, vocab_size)
         self._offset = one_hot(load_gfp_reference(data_dir), vocab_size)
-        self._true_oracle_factory, self._true = true_oracle, None
 
     @property
     def name(self) -> str:
@@ -115,9 +106,3 @@ class GFPTask(SequenceTask):
     @property
     def state_offset(self) -> Tensor:
         return self._offset
-
-    def true_reward(self):
-        if self._true is None and self._true_oracle_factory is not None:
-            # fitted on every row (not the training split): the closest thing to r we have
-            self._true = self._true_oracle_factory(dataset=self, data=self.full)
-        return self._true

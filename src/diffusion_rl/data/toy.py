@@ -14,6 +14,13 @@ class ToyData:
     """A distribution we can draw from on demand: ``sample(n, generator) -> [n, d]``."""
 
     dim: int
+    #: what a sample is (validation matches it against a method's ``sample_kinds``)
+    sample_kind = "vectors"
+
+    def _check_dim(self, dim: int | None) -> None:
+        """``dataset.dim`` (which the MLP backbone reads) must be this distribution's."""
+        if dim is not None and dim != self.dim:
+            raise ValueError(f"dataset.dim must be {self.dim} for {type(self).__name__} (got {dim})")
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -28,7 +35,8 @@ class SwissRoll(ToyData):
 
     dim = 2
 
-    def __init__(self, noise: float = 0.5, scale: float = 0.1):
+    def __init__(self, noise: float = 0.5, scale: float = 0.1, dim: int | None = None):
+        self._check_dim(dim)
         if scale <= 0:
             raise ValueError(f"dataset.scale must be > 0 (got {scale})")
         self.noise, self.scale = float(noise), float(scale)
@@ -44,7 +52,8 @@ class GaussianMixture1D(ToyData):
 
     dim = 1
 
-    def __init__(self, weights, means, stds):
+    def __init__(self, weights, means, stds, dim: int | None = None):
+        self._check_dim(dim)
         w, m, s = (torch.as_tensor(list(v), dtype=torch.float64) for v in (weights, means, stds))
         if not (w.shape == m.shape == s.shape):
             raise ValueError("dataset.weights, means and stds must have the same length")

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist
 from torch import Tensor

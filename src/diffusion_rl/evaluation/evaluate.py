@@ -32,10 +32,7 @@ class EvalConfig:
 
 def sample_kind(dataset) -> str:
     """The kind of sample a data set's runs produce (its ``sample_kind``)."""
-    kind = getattr(dataset, "sample_kind", None)
-    if kind is None:  # data sets without the attribute yet: sequence tasks decode to tokens
-        kind = "tokens" if hasattr(dataset, "decode") else "vectors"
-    return kind
+    return dataset.sample_kind
 
 
 def metric_names(compute: Mapping, select: Sequence[str] | None, kind: str) -> list[str]:

@@ -39,16 +39,34 @@ class _Iterations(torch.utils.data.Dataset):
 
 
 class FineTuneMethod(L.LightningModule):
+    # Capability flags: what a method needs from the rest of the run. Validation reads them
+    # from this source without importing it (``validation.class_flags``), so they must stay
+    # literal class attributes; the tests read them instead of keeping lists of methods.
+    #: whether training changes the backbone (False: the pretrained model, guidance)
+    fine_tunes: bool = True
+    #: whether the loss backpropagates through the reward (it must be ``differentiable``)
+    needs_differentiable_reward: bool = False
+    #: whether the method needs log-probabilities of the chain's steps (a stochastic sampler)
+    needs_stochastic_sampler: bool = False
+    #: the datasets' ``sample_kind`` the method can fine-tune on
+    sample_kinds: tuple[str, ...] = ("vectors", "tokens")
+
     def __init__(self, backbone: Backbone, sampler: Sampler, reward: Reward, *, iterations: int,
                  batch_size: int, lr: float, seed: int = 0, iterations_per_epoch: int = 50,
                  grad_window: dict | None = None, checkpoint_steps: bool = False, dataset=None,
-                 max_grad_norm: float | None = None, condition_source: ConditionSource | None = None):
+                 max_grad_norm: float | None = None, true_reward: Reward | None = None,
+                 condition_source: ConditionSource | None = None):
         super().__init__()
         for key, v in (("iterations", iterations), ("batch_size", batch_size), ("iterations_per_epoch", iterations_per_epoch)):
             if v < 0 or (v == 0 and key != "iterations"):
                 raise ValueError(f"method.{key} must be > 0 (got {v})")
         if lr <= 0:
             raise ValueError(f"method.lr must be > 0 (got {lr})")
+        # the CLI rejects these pairs before any compute (validation.py); this guards direct use
+        if self.needs_differentiable_reward and not getattr(reward, "differentiable", False):
+            raise ValueError(f"{type(self).__name__} needs a differentiable reward ({type(reward).__name__} is not)")
+        if self.needs_stochastic_sampler and not sampler.stochastic:
+            raise ValueError(f"{type(self).__name__} needs a stochastic sampler ({type(sampler).__name__} is deterministic here)")
         self.automatic_optimization = False
         self.backbone = backbone
         self.reference = backbone.frozen_reference()
@@ -63,7 +81,7 @@ class FineTuneMethod(L.LightningModule):
         self.seed = seed
         # sequences decode through their task (GFP states are differences from the wild type)
         self.decode = getattr(dataset, "decode", None) or backbone.decode
-        self._true_reward = dataset.true_reward() if hasattr(dataset, "true_reward") else None
+        self._true_reward = true_reward  # the genuine reward r (training curves), where known
         self._last_final: Tensor | None = None
         self._generator: torch.Generator | None = None
         self._data_generator: torch.Generator | None = None

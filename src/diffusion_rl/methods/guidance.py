@@ -110,6 +110,8 @@ class Guidance(FineTuneMethod):
         activation: ``silu`` or ``relu``.
     """
 
+    fine_tunes = False  # the backbone is untouched: only the classifier trains
+
     label_threshold: Tensor
     label_strict: Tensor
 

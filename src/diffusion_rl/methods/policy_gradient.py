@@ -26,6 +26,8 @@ from .base import FineTuneMethod
 
 
 class PolicyGradientMethod(FineTuneMethod):
+    needs_stochastic_sampler = True  # the clipped ratio reads per-step log-probabilities
+
     def __init__(self, *args, clip_range: float = 0.2, minibatches: int = 4, normalize_advantages: bool = True,
                  reward_weight: float = 1.0, steps_per_backward: int | None = None, **kw):
         super().__init__(*args, **kw)

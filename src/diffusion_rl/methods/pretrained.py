@@ -8,6 +8,8 @@ _BASE_KEYS = set(inspect.signature(FineTuneMethod.__init__).parameters)
 
 
 class Pretrained(FineTuneMethod):
+    fine_tunes = False
+
     def __init__(self, *args, **kw):
         # an experiment sets keys for the methods it compares (e.g. reward_weight); this row
         # has no use for them, and no budget either

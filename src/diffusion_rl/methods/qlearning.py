@@ -35,6 +35,10 @@ from .base import FineTuneMethod
 
 
 class QLearning(FineTuneMethod):
+    # the ratio score estimator and the value MLP read flat vectors; the policy's own noise
+    # (temperature) makes it run under DDIM / the ODE too (the paper's Tables 5-6)
+    sample_kinds = ("vectors",)
+
     def __init__(self, *args, reward_weight: float, temperature: float, delta: float,
                  data_samples: int = 300, value_lr: float = 1e-3, value_hidden: int = 64, **kw):
         super().__init__(*args, **kw)

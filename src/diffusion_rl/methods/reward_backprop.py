@@ -16,10 +16,10 @@ from .base import FineTuneMethod
 
 
 class RewardBackprop(FineTuneMethod):
+    needs_differentiable_reward = True
+
     def __init__(self, *args, reward_weight: float = 1.0, kl_weight: float = 0.0, **kw):
         super().__init__(*args, **kw)
-        if not getattr(self.reward, "differentiable", False):
-            raise ValueError(f"method reward backprop needs a differentiable reward ({type(self.reward).__name__} is not)")
         if reward_weight < 0 or kl_weight < 0:
             raise ValueError("method.reward_weight and method.kl_weight must be >= 0")
         if self.grad_window.kind == "none":

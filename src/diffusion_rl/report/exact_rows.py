@@ -161,7 +161,7 @@ def exact_optimum_metrics(cfg: DictConfig, spec) -> dict:
     from .. import runner  # lazily: the runner pulls in Lightning and every method
 
     r_hat = rewards_on(runner.build_reward(cfg, dataset), all_tokens)
-    true = dataset.true_reward() if hasattr(dataset, "true_reward") else None
+    true = runner.build_true_reward(cfg, dataset)
     r_true = rewards_on(true, all_tokens) if true is not None else None
     reference_rows = train.tokens if settings["p_data"] == "train" else dataset.full.tokens
     metrics = exact_optimum_row(reference_rows, all_tokens, r_hat, r_true, settings["alpha"], settings["smoothing"],

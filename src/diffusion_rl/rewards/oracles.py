@@ -228,6 +228,11 @@ class ExactLookupReward(Reward):
             return self.lookup(x.detach())
 
 
+def exact_lookup_reward(dataset) -> ExactLookupReward:
+    """``true_reward=tfbind8_exact``: the exact lookup over the task's full table."""
+    return ExactLookupReward(dataset.full)
+
+
 def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: SequenceData | None = None,
                    rows: str = "train", normalize_y: bool = False, train_fraction: float = 0.5, epochs: int = 20,
                    batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> OracleReward:
