@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -163,7 +164,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for key, value in (getattr(r, "summary", None) or {}).items():
             if key.endswith("r2"):
                 metrics[f"{name}_{key}"] = value  # how far r_hat (and a proxy r) can be trusted
+    metrics.update(method.extra_metrics())
     metrics["wall_seconds"] = time.time() - start
+    # what the job was launched with: tables select their rows' runs by these (report/experiments.py)
+    metrics["overrides"] = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics
         metrics[key] = OmegaConf.select(cfg, key)
     samples = samples.cpu().numpy()
