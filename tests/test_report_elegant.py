@@ -206,7 +206,7 @@ def tiny_exact_optimum(alpha: float, p_data: str = "train", smoothing: float = 0
     p_data_ = np.array([(counts[tuple(x)] + smoothing) / (len(rows) + smoothing * len(space)) for x in space])
     with np.errstate(divide="ignore", invalid="ignore"):  # alpha = 0: the brute force is not used
         w = np.exp(r_hat / alpha) * p_data_
-    return method, space, r_hat, r_true, p_data_, w / w.sum()
+        return method, space, r_hat, r_true, p_data_, w / w.sum()
 
 
 @pytest.mark.parametrize("p_data", ["train", "full"])
