@@ -15,7 +15,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("experiment")
 parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. paths.runs_dir=…")
 parser.add_argument("--report-only", action="store_true")
-args = parser.parse_args()
+args = parser.parse_intermixed_args()  # options may sit between the overrides
 
 cfg = load_experiment(args.experiment, args.overrides)
 if not args.report_only:

@@ -239,8 +239,6 @@ def test_experiment_table_rows_reference_defined_groups(name):
     groups = {g for g, spec in table.groups.items() if spec is not None}
     assert groups, name
     for row in table.get("rows") or []:
-        if row.get("exact_optimum") is not None:  # computed from the dataset and r_hat, not a group
-            continue
         assert row.group in groups, (name, row.label, row.group)
     if table.get("figure") is not None:
         assert table.figure.group in groups, (name, table.figure.group)

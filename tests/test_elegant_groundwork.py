@@ -17,7 +17,6 @@ from diffusion_rl.evaluation.diversity import mean_pairwise_levenshtein, tokens_
 from diffusion_rl.evaluation.exact_optimum import (
     all_sequences,
     empirical_log_p_data,
-    exact_optimum_summary,
     tilted_distribution,
 )
 from diffusion_rl.rewards.oracles import ExactLookupReward, MLPOracle, OracleRegression, OracleReward
@@ -205,36 +204,6 @@ def test_tilted_distribution_brute_force_and_limits() -> None:
     assert torch.isfinite(tilted_distribution(p_data.log(), 1e4 * r, 1e-4)).all()
     with pytest.raises(ValueError):
         tilted_distribution(p_data.log(), r, -1.0)
-
-
-def test_exact_summary_kl_and_diversity_brute_force() -> None:
-    tokens, r, p_data = _tiny_space()
-    r_true = r.flip(0)
-    p = tilted_distribution(p_data.log(), r, 0.2)
-    out = exact_optimum_summary(p, r, r_true, p_data.log(), tokens, n_diversity_samples=100,
-                                generator=torch.Generator().manual_seed(0))
-    strings = tokens_to_strings(tokens)
-    kl = sum(p[i].item() * math.log(p[i].item() / p_data[i].item()) for i in range(8))
-    div = sum(p[i].item() * p[j].item() * levenshtein_reference(strings[i], strings[j])
-              for i in range(8) for j in range(8))
-    assert out["kl_to_data"] == pytest.approx(kl, rel=1e-10)
-    # at the optimum KL = E[r]/alpha - log Z
-    log_z = torch.logsumexp(r / 0.2 + p_data.log(), 0).item()
-    assert out["kl_to_data"] == pytest.approx(out["reward_hat_mean"] / 0.2 - log_z, rel=1e-9)
-    assert out["diversity_exact"] == 1.0
-    assert out["diversity"] == pytest.approx(div, rel=1e-12)
-    assert out["reward_hat_mean"] == pytest.approx(float((p * r).sum()))
-    assert out["reward_true_mean"] == pytest.approx(float((p * r_true).sum()))
-    # sampled estimate (forced) agrees with the exact value within Monte-Carlo error
-    sampled = exact_optimum_summary(p, r, None, p_data.log(), tokens, n_diversity_samples=3000,
-                                    generator=torch.Generator().manual_seed(1), max_exact_pairs=0)
-    assert sampled["diversity_exact"] == 0.0 and sampled["diversity_n_samples"] == 3000
-    assert sampled["diversity"] == pytest.approx(div, abs=0.05)
-    assert math.isnan(sampled["reward_true_mean"])
-    # mass outside supp(p_data) -> infinite KL
-    log_p = p_data.log()
-    log_p[0] = -math.inf
-    assert exact_optimum_summary(p, r, r, log_p, tokens)["kl_to_data"] == math.inf
 
 
 def test_empirical_log_p_data_smoothing() -> None:

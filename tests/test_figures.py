@@ -19,7 +19,8 @@ def fake_runs(runs_dir: Path, table: str, group: str, dim: int) -> None:
         folder = runs_dir / table / group / f"method.reward_weight={beta}"
         folder.mkdir(parents=True)
         OmegaConf.save(OmegaConf.create({"method": {"reward_weight": beta}}), folder / "config.yaml")
-        metrics = {"reward_mean": -4.0 + 3 * beta, "reward_ci95": 0.05, "kl_path": beta, "kl_path_ci95": 0.01}
+        metrics = {"reward_mean": -4.0 + 3 * beta, "reward_ci95": 0.05, "kl_path": beta, "kl_path_ci95": 0.01,
+                   "overrides": [f"method.reward_weight={beta}"]}
         if i:
             metrics |= {"kl_data": 0.1 * i, "kl_data_ci95": 0.02}
         (folder / "metrics.json").write_text(json.dumps(metrics))

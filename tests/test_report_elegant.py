@@ -1,5 +1,5 @@
-"""Report features for the ELEGANT tables, on fake finished runs: seeds per cell, exact-optimum
-rows, training-curve PNGs and reward histograms."""
+"""Report features for the ELEGANT tables, on fake finished runs: run selection by recorded
+overrides, seeds per cell, training-curve PNGs and reward histograms; the exact-optimum method."""
 
 import itertools
 import json
@@ -13,9 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_rl.report.curves import aggregate_curves, read_curves
-from diffusion_rl.report.exact_rows import exact_optimum_row
-from diffusion_rl.report.experiments import (aggregate_seeds, collect_runs, group_command, select_runs,
-                                             values_match)
+from diffusion_rl.report.experiments import aggregate_seeds, collect_runs, group_command, select_runs
 from diffusion_rl.report.figures import histogram_data, write_figure
 from diffusion_rl.report.tables import render_table, write_report
 
@@ -24,11 +22,15 @@ T_975_DF2 = 4.302652729749464  # Student t quantile 0.975 with 2 dof (statistica
 
 
 def make_run(runs_dir: Path, table: str, group: str, name: str, config: dict, metrics: dict,
-             csv_rows: list[dict] | None = None, rewards: np.ndarray | None = None) -> Path:
+             csv_rows: list[dict] | None = None, rewards: np.ndarray | None = None,
+             overrides: list[str] | None = None) -> Path:
+    """A finished run; it records ``overrides`` (default: its folder name, as Hydra's
+    ``override_dirname`` writes it)."""
     folder = runs_dir / table / group / name
     folder.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
-    (folder / "metrics.json").write_text(json.dumps(metrics))
+    recorded = [f"experiment={table}", *(name.split(",") if overrides is None else overrides)]
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "overrides": recorded}))
     if csv_rows is not None:
         cols = list(dict.fromkeys(k for row in csv_rows for k in row))
         lines = [",".join(cols)] + [",".join("" if row.get(c) is None else str(row[c]) for c in cols) for row in csv_rows]
@@ -43,8 +45,9 @@ def base_cfg(tmp_path: Path, table: dict):
                              "table": table})
 
 
-# ELEGANT group: kl_weight in {0.01, 0.1 + 0.2} x seeds 0, 1, 2; the float 0.1 + 0.2 is matched by where 0.3
-WEIGHTS = [0.01, 0.1 + 0.2]
+# ELEGANT group: kl_weight in {0.01, 0.3} x seeds 0, 1, 2; 0.3 is recorded as "0.30" (matched as a number)
+WEIGHTS = [0.01, 0.3]
+WRITTEN = ["0.01", "0.30"]
 REWARD = {(0, 0): 0.50, (0, 1): 0.56, (0, 2): 0.47, (1, 0): 0.81, (1, 1): 0.90, (1, 2): 0.84}
 DIV = {(0, 0): 4.0, (0, 1): 3.0, (0, 2): 3.5, (1, 0): 2.0, (1, 1): 2.6, (1, 2): 2.3}
 
@@ -55,14 +58,14 @@ def elegant_runs(runs_dir: Path, table: str) -> None:
         csv_rows = [{"epoch": 0, "step": s, "train/reward": reward * s / 20, "train/kl_path": 0.1 * s + seed,
                      **({"train/diversity": DIV[w, seed]} if seed != 2 else {})} for s in (9, 19)]
         csv_rows.insert(1, {"epoch": 0, "step": 9, "train/reward": None, "train/kl_path": None, "val/x": 1.0})
-        make_run(runs_dir, table, "elegant", f"method.kl_weight={WEIGHTS[w]},seed={seed}",
+        make_run(runs_dir, table, "elegant", f"method.kl_weight={WRITTEN[w]},seed={seed}",
                  {"seed": seed, "method": {"kl_weight": WEIGHTS[w]}},
                  {"reward_mean": reward, "reward_ci95": 0.01, "diversity": DIV[w, seed], "kl_div": 1.0 + seed + w,
                   "kl_div_ci95": 0.05, "method.kl_weight": WEIGHTS[w], "wall_seconds": 10},
-                 csv_rows, rng.normal(reward, 0.1, 500))
+                 csv_rows, rng.normal(reward, 0.1, 500), ["method=elegant", f"method.kl_weight={WRITTEN[w]}", f"seed={seed}"])
     make_run(runs_dir, table, "pretrained", "seed=0", {"seed": 0, "method": {"kl_weight": 0.0}},
              {"reward_mean": 0.3, "reward_ci95": 0.02, "diversity": 5.0, "kl_div": 0.0, "wall_seconds": 1},
-             [{"step": 0, "train/reward": 0.3}], rng.normal(0.3, 0.1, 500))
+             [{"step": 0, "train/reward": 0.3}], rng.normal(0.3, 0.1, 500), ["method=pretrained", "seed=0"])
 
 
 def elegant_table(**extra) -> dict:
@@ -92,17 +95,52 @@ def test_group_command_seed_sweep():
     assert [a for a in single if a.startswith("seed=")] == ["seed=7"]
 
 
-def test_values_match():
-    assert values_match(0.1 + 0.2, 0.3) and values_match(0.001, "1e-3") and values_match(2, 2.0)
-    assert not values_match(0.01, 0.011) and not values_match("a", "b") and values_match("a", "a")
-    assert not values_match(True, 1) and values_match(False, False) and not values_match(None, 0)
+def test_where_selects_by_recorded_overrides(tmp_path):
+    """A row's `where` (and its group's overrides) select by what a run was launched with, as
+    parsed values — not by its config.yaml, not by its folder name."""
+    runs_dir = tmp_path / "runs"
+    # config.yaml says 0.5 for every run: only the recorded overrides tell them apart
+    for name, overrides, reward in (("a", ["method=ppo_kl", "method.kl_weight=5e-2", "seed=0"], 0.1),
+                                    ("b", ["method=ppo_kl", "method.kl_weight=0.005", "seed=0"], 0.2),
+                                    ("c", ["method=dpok", "method.kl_weight=0.05", "seed=0"], 0.3),
+                                    ("d", ["method=ppo_kl", "seed=0"], 0.4),
+                                    ("e", ["method=ppo_kl", "method.kl_weight=0.05", "seed=0", "+flag=1"], 0.5)):
+        make_run(runs_dir, "t", "ppo", name, {"seed": 0, "method": {"kl_weight": 0.5}}, {"reward_mean": reward},
+                 overrides=overrides)
+    cfg = base_cfg(tmp_path, {"name": "t", "groups": {"ppo": {"overrides": ["method=ppo_kl"],
+                                                              "sweep": {"method.kl_weight": [0.05, 0.005]}}}})
+    runs = collect_runs(cfg, "ppo")
+
+    def chosen(where):
+        row = OmegaConf.create({"label": "r", "group": "ppo", "where": where})
+        return sorted(r.metrics["reward_mean"] for r in select_runs(cfg, runs, row))
+    assert chosen({"method.kl_weight": 0.05, "flag": 1}) == [0.5]  # "5e-2" is 0.05; run c is dpok
+    assert chosen({"method.kl_weight": 0.005}) == [0.2]
+    assert chosen({"method.kl_weight": 0.5}) == []  # the config value is not what selects
+    assert chosen({"flag": True}) == []  # a boolean is not the number 1
+    with pytest.raises(ValueError, match="where"):  # three settings of kl_weight (0.05, 0.005, none)
+        chosen({})
+    (runs_dir / "t" / "ppo" / "b" / "metrics.json").write_text(json.dumps({"reward_mean": 0.2}))
+    with pytest.raises(ValueError, match="no overrides"):  # finished before runs recorded them
+        collect_runs(cfg, "ppo")
+
+
+def test_ambiguous_row_is_an_error(tmp_path):
+    cfg = base_cfg(tmp_path, elegant_table())
+    elegant_runs(tmp_path / "runs", cfg.table.name)
+    runs = collect_runs(cfg, "elegant")
+    with pytest.raises(ValueError, match="matches 2 settings of group 'elegant'"):
+        select_runs(cfg, runs, OmegaConf.create({"label": "ELEGANT", "group": "elegant"}))
+    # the same row with a target reward is a calibration, not an ambiguity
+    row = OmegaConf.create({"label": "ELEGANT", "group": "elegant", "target_reward": 0.9})
+    assert [r.config.method.kl_weight for r in select_runs(cfg, runs, row)] == [0.3] * 3
 
 
 def test_seed_aggregation(tmp_path):
     cfg = base_cfg(tmp_path, elegant_table())
     elegant_runs(tmp_path / "runs", cfg.table.name)
     runs = collect_runs(cfg, "elegant")
-    chosen = select_runs(runs, cfg.table.rows[1], ["method.kl_weight"])
+    chosen = select_runs(cfg, runs, cfg.table.rows[1])
     assert sorted(r.config.seed for r in chosen) == [0, 1, 2]
     agg = aggregate_seeds(chosen)
     mean, ci = t_ci([REWARD[1, s] for s in range(3)])
@@ -126,83 +164,83 @@ def test_seed_aggregation(tmp_path):
     assert "## All runs of group elegant" in text  # every seed listed
 
 
-def test_exact_row_matches_brute_force():
-    V, L, alpha, smoothing = 3, 3, 0.4, 0.2
-    rng = np.random.default_rng(1)
-    space = np.array(list(itertools.product(range(V), repeat=L)))
-    train = space[rng.integers(0, len(space), 40)]  # with repeats and missing sequences
-    r_hat, r_true = rng.normal(size=len(space)), rng.normal(size=len(space))
-    row = exact_optimum_row(torch.from_numpy(train), torch.from_numpy(space), r_hat, r_true, alpha, smoothing)
+class TinyTask:
+    """A sequence task over all V^L sequences (V = L = 3) with lookup rewards: the interface the
+    exact-optimum method reads (train / full rows, encode)."""
 
-    counts = Counter(map(tuple, train))
-    p_data = np.array([(counts[tuple(x)] + smoothing) / (len(train) + smoothing * len(space)) for x in space])
-    w = np.exp(r_hat / alpha) * p_data
-    p = w / w.sum()
-
-    def lev(a, b):
-        d = list(range(len(b) + 1))
-        for i, ca in enumerate(a, 1):
-            prev, d[0] = d[0], i
-            for j, cb in enumerate(b, 1):
-                prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (ca != cb))
-        return d[-1]
-
-    div = sum(p[i] * p[j] * lev(space[i], space[j]) for i in range(len(space)) for j in range(len(space)))
-    assert row["reward_mean"] == pytest.approx(float(p @ r_hat), rel=1e-9)
-    assert row["reward_true_mean"] == pytest.approx(float(p @ r_true), rel=1e-9)
-    assert row["kl_div"] == pytest.approx(float(np.sum(p * np.log(p / p_data))), rel=1e-9)
-    assert row["diversity"] == pytest.approx(div, rel=1e-9) and row["diversity_exact"]
-    assert row["n_sequences"] == V**L and row["alpha"] == alpha
-
-    no_true = exact_optimum_row(train, space, r_hat, None, alpha, smoothing)
-    assert no_true["reward_true_mean"] is None
-    # alpha -> 0: all mass on the best sequence
-    greedy = exact_optimum_row(train, space, r_hat, r_true, 0.0, smoothing)
-    assert greedy["reward_mean"] == pytest.approx(r_hat.max()) and greedy["diversity"] == 0.0
-
-
-class FakeTask:
-    """The sequence-task interface exact_rows relies on (the train split)."""
-
-    def __init__(self, length: int, vocab_size: int, n: int):
+    def __init__(self, train, full):
         from types import SimpleNamespace
-        tokens = torch.from_numpy(np.random.default_rng(2).integers(0, vocab_size, (n, length)))
-        self.train = SimpleNamespace(tokens=tokens, length=length, vocab_size=vocab_size)
+        self.length, self.vocab_size = L_TINY, V_TINY
+        self.train, self.full = SimpleNamespace(tokens=train), SimpleNamespace(tokens=full)
+
+    def encode(self, tokens):
+        return torch.nn.functional.one_hot(tokens, self.vocab_size).float()
 
 
-def test_exact_row_in_table_is_cached(tmp_path, monkeypatch):
-    from diffusion_rl import runner
+V_TINY, L_TINY = 3, 3
 
-    calls = []
 
-    def fake_build_reward(cfg, dataset):
-        calls.append(1)
-        return lambda x: (x == 0).float().mean(-1)
-    monkeypatch.setattr(runner, "build_reward", fake_build_reward)
-    monkeypatch.setattr(runner, "build_true_reward", lambda cfg, dataset: lambda x: x.float().sum(-1))
-    table = elegant_table(rows=[{"label": "Exact optimum", "exact_optimum": {"alpha": 0.1}, "paper": {"r̂": "0.9"}}],
-                          exact_optimum_smoothing=0.01,
-                          columns={"reward_mean": "r̂", "reward_true_mean": "r", "kl_div": "KL-Div", "diversity": "Div"})
-    cfg = base_cfg(tmp_path, table)
-    cfg.dataset = {"_target_": f"{FakeTask.__module__}.FakeTask", "length": 4, "vocab_size": 3, "n": 30}
-    cfg.reward = {"name": "fake"}
+def lookup(table: np.ndarray):
+    powers = torch.tensor([V_TINY ** (L_TINY - 1 - i) for i in range(L_TINY)])
+    return lambda tokens: torch.from_numpy(table)[(tokens.long().cpu() * powers).sum(-1)]
 
-    text = render_table(cfg)
-    assert len(calls) == 1
-    space = torch.tensor(list(itertools.product(range(3), repeat=4)))
-    tokens = FakeTask(4, 3, 30).train.tokens
-    want = exact_optimum_row(tokens, space, (space == 0).double().mean(-1), space.double().sum(-1), 0.1, 0.01)
-    line = next(line for line in text.splitlines() if line.startswith("| Exact optimum"))
-    cells = line.split(" | ")
-    assert cells[1] == "0.1"  # the shown KL weight is the row's alpha
-    assert cells[2:6] == [f"{want[k]:.3g}" for k in ("reward_mean", "reward_true_mean", "kl_div", "diversity")]
-    assert cells[-1] == "0.9 |"
-    cache = tmp_path / "report" / "elegant_fake_exact_alpha0.1.json"
-    assert json.loads(cache.read_text())["metrics"]["reward_mean"] == pytest.approx(want["reward_mean"])
 
-    assert render_table(cfg) == text and len(calls) == 1  # served from the cache
-    cfg.table.exact_optimum_smoothing = 0.5  # another config: recomputed
-    assert render_table(cfg) != text and len(calls) == 2
+def tiny_exact_optimum(alpha: float, p_data: str = "train", smoothing: float = 0.2):
+    from diffusion_rl.backbones.mlp import MLPBackbone
+    from diffusion_rl.methods.exact_optimum import ExactOptimum
+
+    rng = np.random.default_rng(1)
+    space = np.array(list(itertools.product(range(V_TINY), repeat=L_TINY)))
+    train = space[rng.integers(0, len(space), 40)]  # with repeats and missing sequences
+    full = space[rng.integers(0, len(space), 60)]
+    r_hat, r_true = rng.normal(size=len(space)), rng.normal(size=len(space))
+    task = TinyTask(torch.from_numpy(train), torch.from_numpy(full))
+    method = ExactOptimum(MLPBackbone(dim=2), None, lookup(r_hat), dataset=task, true_reward=lookup(r_true),
+                          kl_weight=alpha, p_data=p_data,
+                          smoothing=smoothing, iterations=5, batch_size=4, lr=1e-3, reward_weight=2.0)
+    rows = train if p_data == "train" else full
+    counts = Counter(map(tuple, rows))
+    p_data_ = np.array([(counts[tuple(x)] + smoothing) / (len(rows) + smoothing * len(space)) for x in space])
+    with np.errstate(divide="ignore", invalid="ignore"):  # alpha = 0: the brute force is not used
+        w = np.exp(r_hat / alpha) * p_data_
+        return method, space, r_hat, r_true, p_data_, w / w.sum()
+
+
+@pytest.mark.parametrize("p_data", ["train", "full"])
+def test_exact_optimum_method_matches_brute_force(p_data):
+    """p_r ∝ exp(r̂/α) p_data by brute force: the method's exact expectations agree to float
+    precision, and its samples (what the shared evaluation scores) within Monte-Carlo error."""
+    alpha = 0.4
+    method, space, r_hat, r_true, p_data_, p = tiny_exact_optimum(alpha, p_data)
+    assert method.iterations == 0 and not method.fine_tunes  # a run, not a fine-tuning
+    exact = method.extra_metrics()
+    kl = float(np.sum(p * np.log(p / p_data_)))
+    assert exact["exact_reward"] == pytest.approx(float(p @ r_hat), rel=1e-9)
+    assert exact["exact_reward_true"] == pytest.approx(float(p @ r_true), rel=1e-9)
+    assert exact["exact_kl_div"] == pytest.approx(kl, rel=1e-9)
+    assert exact["exact_entropy"] == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-9)
+
+    n = 20000
+    gen = method.generate(n, torch.Generator().manual_seed(0))
+    assert gen.states.shape == (n, L_TINY, V_TINY) and torch.equal(gen.states.sum(-1), torch.ones(n, L_TINY))
+    tokens = gen.states.argmax(-1)
+    rewards = lookup(r_hat)(tokens).numpy()
+    kl_terms = gen.kl_terms["kl_exact"].numpy()
+    assert set(gen.kl_terms) == {"kl_exact"} and kl_terms.shape == (n,)
+    # 4 standard errors: fails with probability ~6e-5 for a correct sampler
+    assert abs(rewards.mean() - p @ r_hat) < 4 * rewards.std() / math.sqrt(n)
+    assert abs(kl_terms.mean() - kl) < 4 * kl_terms.std() / math.sqrt(n)
+    freq = np.bincount((tokens.numpy() * V_TINY ** np.arange(L_TINY - 1, -1, -1)).sum(-1), minlength=len(space)) / n
+    assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-12)
+
+
+def test_exact_optimum_method_limits():
+    method, space, r_hat, *_ = tiny_exact_optimum(0.0)  # alpha -> 0: every draw is the best sequence
+    tokens = method.generate(50, torch.Generator().manual_seed(0)).states.argmax(-1)
+    assert (tokens == torch.from_numpy(space[np.argmax(r_hat)])).all()
+    assert method.extra_metrics()["exact_reward"] == pytest.approx(r_hat.max())
+    with pytest.raises(ValueError, match="p_data"):
+        tiny_exact_optimum(0.1, p_data="both")
 
 
 def test_read_and_aggregate_curves(tmp_path):
@@ -246,7 +284,7 @@ def test_histogram_figure(tmp_path, seeds, layout):
     seeds_drawn = [[r.config.seed for r in use] for *_, use in drawn]
     if seeds == "first":  # the lowest seed with rewards.npy
         assert seeds_drawn == [[0], [1], [0]]
-        assert np.allclose(drawn[2][2], np.load(group_dir / f"method.kl_weight={0.1 + 0.2},seed=0" / "rewards.npy"))
+        assert np.allclose(drawn[2][2], np.load(group_dir / "method.kl_weight=0.30,seed=0" / "rewards.npy"))
     else:  # every seed's rewards concatenated
         assert seeds_drawn == [[0], [1, 2], [0, 1, 2]] and [x.size for _, _, x, _ in drawn] == [500, 1000, 1500]
 
@@ -267,22 +305,21 @@ def test_shared_runs_folder_rows_report_their_own_group_settings(tmp_path):
     """Two tables share a runs folder: table A's group fixes kl_weight=0.05, table B adds
     kl_weight=0.005 runs to the same group folder. A's row (no `where`) reports only its own
     setting; a row matching two settings without `where` is an error, not a silent pick."""
-    from diffusion_rl.report.experiments import group_settings, select_runs
-
     runs_dir = tmp_path / "runs"
     for kl, base in ((0.05, 0.4), (0.005, 0.8)):
         for seed in (0, 1, 2):
             make_run(runs_dir, "shared", "ppo", f"method.kl_weight={kl},seed={seed}",
-                     {"seed": seed, "method": {"kl_weight": kl}}, {"reward_mean": base + 0.01 * seed})
+                     {"seed": seed, "method": {"kl_weight": kl}}, {"reward_mean": base + 0.01 * seed},
+                     overrides=["method=ppo_kl", f"method.kl_weight={kl}", f"seed={seed}"])
     table = {"name": "a", "runs_name": "shared", "columns": {"reward_mean": "r"}, "paper_columns": [],
              "title": "t", "source": "s",
              "groups": {"ppo": {"overrides": ["method=ppo_kl", "method.kl_weight=0.05"], "sweep": {"seed": [0, 1, 2]}}},
              "rows": [{"label": "PPO", "group": "ppo"}]}
     cfg = base_cfg(tmp_path, table)
-    assert group_settings(cfg, "ppo") == {"method.kl_weight": 0.05}
     runs = collect_runs(cfg, "ppo")
     assert len(runs) == 6
-    chosen = select_runs(runs, cfg.table.rows[0], [], group_settings(cfg, "ppo"))
+    chosen = select_runs(cfg, runs, cfg.table.rows[0])
     assert sorted(r.metrics["reward_mean"] for r in chosen) == pytest.approx([0.40, 0.41, 0.42])
+    cfg.table.groups.ppo = {"overrides": ["method=ppo_kl"], "sweep": {"method.kl_weight": [0.05, 0.005]}}
     with pytest.raises(ValueError, match="where"):
-        select_runs(runs, cfg.table.rows[0], ["method.kl_weight"], {})
+        select_runs(cfg, runs, cfg.table.rows[0])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -110,11 +111,6 @@ def bind_reward(reward, dataset):
 def build_reward(cfg: DictConfig, dataset):
     """The nominal reward."""
     return bind_reward(instantiate(cfg.reward), dataset)
-
-
-def build_true_reward(cfg: DictConfig, dataset):
-    """The genuine reward ``r`` (``true_reward``), or ``None`` where none is known."""
-    return None if cfg.get("true_reward") is None else bind_reward(instantiate(cfg.true_reward), dataset)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -208,7 +204,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for key, value in (getattr(r, "summary", None) or {}).items():
             if key.endswith("r2"):
                 metrics[f"{name}_{key}"] = value  # how far r_hat (and a proxy r) can be trusted
+    metrics.update(method.extra_metrics())
     metrics["wall_seconds"] = time.time() - start
+    # what the job was launched with: tables select their rows' runs by these (report/experiments.py)
+    metrics["overrides"] = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics
         metrics[key] = OmegaConf.select(cfg, key)
     write_samples(run_dir, samples, rewards, kind, eval_cfg.saved_images)

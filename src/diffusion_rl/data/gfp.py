@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffusion_rl.data.checksums import verify_files
-from diffusion_rl.data.sequences import SequenceData, one_hot
+from diffusion_rl.data.sequences import SequenceData
 
 __all__ = [
     "GFP_ALPHABET",
@@ -33,9 +33,6 @@ __all__ = [
     "load_gfp_reference",
     "load_gfp",
     "gfp_elegant_train_split",
-    "mutations_from_reference",
-    "one_hot_difference",
-    "tokens_from_one_hot_difference",
 ]
 
 GFP_ALPHABET = "ACDEFGHIKLMNPQRSTVWY"
@@ -260,50 +257,3 @@ def gfp_elegant_train_split(
         keep = np.sort(keep[order])
     name = f"{data.name}_top{top_fraction:g}" + ("" if max_samples is None else f"_max{max_samples}")
     return data.subset(torch.from_numpy(keep), name=name)
-
-
-def mutations_from_reference(tokens: torch.Tensor, reference_tokens: torch.Tensor) -> torch.Tensor:
-    """Positions where each sequence differs from the reference (its mutation set).
-
-    ELEGANT App. F.1.1 models GFP "as the difference between the original sequence and
-    the baseline sequence"; this mask plus ``tokens[mask]`` is that difference.
-
-    Args:
-        tokens: ``LongTensor[..., L]``.
-        reference_tokens: ``LongTensor[L]`` (broadcast over leading axes).
-
-    Returns:
-        ``BoolTensor[..., L]``, True where ``tokens != reference_tokens``.
-    """
-    return tokens != reference_tokens.to(tokens.device)
-
-
-def one_hot_difference(tokens: torch.Tensor, reference_tokens: torch.Tensor) -> torch.Tensor:
-    """One-hot difference to the reference: ``one_hot(tokens) - one_hot(reference)``.
-
-    Args:
-        tokens: ``LongTensor[..., L]`` over the 20-letter alphabet.
-        reference_tokens: ``LongTensor[L]``.
-
-    Returns:
-        ``FloatTensor[..., L, 20]``; all-zero rows at unmutated positions, and a
-        ``+1`` (new residue) / ``-1`` (wild-type residue) pair at mutated positions.
-    """
-    vocab = len(GFP_ALPHABET)
-    ref = one_hot(reference_tokens.to(tokens.device), vocab)
-    return one_hot(tokens, vocab) - ref
-
-
-def tokens_from_one_hot_difference(diff: torch.Tensor, reference_tokens: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`one_hot_difference` (argmax of ``diff + one_hot(reference)``).
-
-    Args:
-        diff: ``Tensor[..., L, 20]`` (exact or relaxed difference).
-        reference_tokens: ``LongTensor[L]``.
-
-    Returns:
-        ``LongTensor[..., L]``.
-    """
-    ref = one_hot(reference_tokens.to(diff.device), len(GFP_ALPHABET))
-    return (diff + ref).argmax(dim=-1)
-

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["one_hot", "decode_argmax", "SequenceData"]
+__all__ = ["one_hot", "SequenceData"]
 
 
 def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -26,18 +26,6 @@ def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
         ``FloatTensor[..., L, V]`` with a single 1.0 per position.
     """
     return F.one_hot(tokens.long(), num_classes=vocab_size).float()
-
-
-def decode_argmax(x: torch.Tensor) -> torch.Tensor:
-    """Map (relaxed) one-hot vectors or logits back to tokens.
-
-    Args:
-        x: ``Tensor[..., L, V]``, e.g. a diffusion sample in the simplex or logit space.
-
-    Returns:
-        ``LongTensor[..., L]``, the argmax over the last axis.
-    """
-    return x.argmax(dim=-1)
 
 
 @dataclass

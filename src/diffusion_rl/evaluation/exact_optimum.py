@@ -12,7 +12,7 @@ generates at ``t = T`` the exponentially tilted distribution
 where ``p_data`` is the distribution the pretrained model generates. On TFBind8 the whole space
 (all 4^8 = 65,536 8-mers) can be enumerated, so ``p_r`` and the three numbers ELEGANT reports
 (reward, KL-Div, Div; §8 "Evaluation") can be computed *exactly* for a given ``p_data`` and
-``r_hat``: this is the ceiling a perfect solver of the control problem would reach, against
+``r_hat`` (``method=exact_optimum`` samples it, :mod:`..methods.exact_optimum`): this is the ceiling a perfect solver of the control problem would reach, against
 which sampled fine-tuning runs can be compared. At the optimum
 ``KL(p_r || p_data) = E_{p_r}[r_hat] / alpha - log Z``.
 
@@ -28,10 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from .diversity import levenshtein_matrix, mean_pairwise_levenshtein
-
-__all__ = ["all_sequences", "empirical_log_p_data", "tilted_log_distribution", "tilted_distribution",
-           "exact_optimum_summary"]
+__all__ = ["all_sequences", "empirical_log_p_data", "tilted_log_distribution", "tilted_distribution"]
 
 
 def all_sequences(length: int, vocab_size: int) -> Tensor:
@@ -141,68 +138,3 @@ def tilted_distribution(log_p_data: Tensor, r_hat: Tensor, alpha: float) -> Tens
         ``float64 [M]`` probabilities summing to 1.
     """
     return tilted_log_distribution(log_p_data, r_hat, alpha).exp()
-
-
-def exact_optimum_summary(p: Tensor, r_hat: Tensor, r_true: Tensor | None, log_p_data: Tensor,
-                          tokens: Tensor, n_diversity_samples: int = 2000,
-                          generator: torch.Generator | None = None, *, max_exact_pairs: int = 2**22,
-                          workers: int = -1) -> dict[str, float]:
-    """ELEGANT's evaluation numbers for a distribution ``p`` over an enumerated space.
-
-    Args:
-        p: ``[M]`` probabilities (e.g. :func:`tilted_distribution`).
-        r_hat: ``[M]`` nominal (learned) reward.
-        r_true: ``[M]`` genuine reward, or ``None`` (then ``reward_true_mean`` is NaN).
-        log_p_data: ``[M]`` log-probabilities of the reference distribution.
-        tokens: ``LongTensor [M, L]``, the sequences the entries refer to.
-        n_diversity_samples: i.i.d. draws from ``p`` for the sampled diversity estimate.
-        generator: ``torch.Generator`` (CPU) for those draws.
-        max_exact_pairs: largest ``K^2`` (``K`` = size of ``supp(p)``) computed exactly.
-        workers: rapidfuzz threads.
-
-    Returns:
-        ``reward_hat_mean = E_p[r_hat]``, ``reward_true_mean = E_p[r]``,
-        ``kl_to_data = KL(p || p_data) = sum_x p (log p - log p_data)`` (exact; ``inf`` when
-        ``p`` puts mass outside ``supp(p_data)``), ``entropy = H(p)``,
-        ``diversity = E_{x, y ~ p i.i.d.}[Lev(x, y)] = sum_{x, y} p(x) p(y) Lev(x, y)``,
-        ``diversity_exact`` (1.0 / 0.0) and ``diversity_n_samples`` (0 when exact).
-
-    Diversity: computed **exactly** as ``p^T D p`` over the support of ``p`` when its size
-    ``K`` satisfies ``K^2 <= max_exact_pairs`` (default 4.2e6 pairs, i.e. ``K <= 2048``);
-    otherwise **estimated** by the mean pairwise distance over distinct pairs of
-    ``n_diversity_samples`` i.i.d. draws from ``p`` (an unbiased U-statistic of the same
-    quantity, which is also how a generator's samples are scored). For TFBind8 with a
-    smoothed ``p_data`` the support is all 65,536 sequences (4.3e9 pairs), so the estimate
-    is used; its standard error shrinks like ``1 / sqrt(n_diversity_samples)``.
-    """
-    m = p.shape[0]
-    if p.ndim != 1 or r_hat.shape != (m,) or log_p_data.shape != (m,) or tokens.shape[0] != m or \
-            (r_true is not None and r_true.shape != (m,)):
-        raise ValueError("p, r_hat, r_true, log_p_data must be [M] and tokens [M, L] for the same M")
-    p = p.double().cpu()
-    if (p < 0).any() or abs(float(p.sum()) - 1.0) > 1e-6:
-        raise ValueError(f"p must be a probability vector (sum = {float(p.sum())})")
-    log_p_data = log_p_data.double().cpu()
-    pos = p > 0
-    out: dict[str, float] = {
-        "reward_hat_mean": float((p * r_hat.double().cpu()).sum()),
-        "reward_true_mean": float((p * r_true.double().cpu()).sum()) if r_true is not None else float("nan"),
-        "entropy": float(-(p[pos] * p[pos].log()).sum()),
-    }
-    off_support = pos & (log_p_data == -math.inf)
-    out["kl_to_data"] = math.inf if off_support.any() else float(
-        (p[pos] * (p[pos].log() - log_p_data[pos])).sum())
-
-    support = pos.nonzero().squeeze(-1)
-    k = support.numel()
-    if k * k <= max_exact_pairs:
-        q = p[support]
-        dist = torch.from_numpy(levenshtein_matrix(tokens[support].cpu(), workers=workers)).double()
-        out.update(diversity=float(q @ dist @ q), diversity_exact=1.0, diversity_n_samples=0.0)
-    else:
-        if n_diversity_samples < 2:
-            raise ValueError("n_diversity_samples must be >= 2 for the sampled diversity estimate")
-        draws = torch.multinomial(p, n_diversity_samples, replacement=True, generator=generator)
-        out.update(diversity=mean_pairwise_levenshtein(tokens.cpu()[draws], workers=workers),
-                   diversity_exact=0.0, diversity_n_samples=float(n_diversity_samples))
-    return out

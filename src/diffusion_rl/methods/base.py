@@ -186,6 +186,11 @@ class FineTuneMethod(L.LightningModule):
                                     cond=cond, reference=self.reference, device=generator.device)
         return Generation(traj.final, {"kl_path": traj.path_kl()})
 
+    def extra_metrics(self) -> dict[str, float]:
+        """Numbers the method knows without sampling (the exact optimum's expectations), written
+        into ``metrics.json`` beside the shared evaluation's."""
+        return {}
+
     # --- Lightning plumbing ----------------------------------------------------------------
     def configure_optimizers(self):
         return torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr)

@@ -10,7 +10,7 @@ The experiment YAML's ``table.curves`` block::
 
 draws ``<report_dir>/<table>_curves.png``: one panel per metric, x = ``step``, one line per group
 entry — the mean over the entry's runs (seeds, and every swept value unless ``where`` narrows
-it) at each step, shaded between the runs' min and max (or ± one std). A run lacking a column,
+it: runs are selected as table rows are) at each step, shaded between the runs' min and max (or ± one std). A run lacking a column,
 and empty cells (a metric not logged at that step), are skipped; when a step occurs twice the
 last value logged at it counts.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure  # object API, Agg: no pyplot
 from omegaconf import DictConfig, OmegaConf
 
-from .experiments import Run, collect_runs, matching_runs
+from .experiments import Run, collect_runs, matching_runs, row_overrides
 
 __all__ = ["read_curves", "aggregate_curves", "curve_entries", "write_curves", "curves_path"]
 
@@ -83,10 +83,6 @@ def aggregate_curves(series: list[dict[float, float]], smooth: int = 1) -> dict[
             "max": np.nanmax(table, 0), "n": count}
 
 
-def _num(v) -> str:
-    return f"{v:.10g}" if isinstance(v, float) else str(v)
-
-
 def curve_entries(cfg: DictConfig, cache: dict[str, list[Run]] | None = None) -> list[tuple[str, list[Run]]]:
     """``(label, runs)`` for each item of ``table.curves.groups`` (a group name or
     ``{group, where, label}``)."""
@@ -97,10 +93,10 @@ def curve_entries(cfg: DictConfig, cache: dict[str, list[Run]] | None = None) ->
             group, where, label = item, None, item
         else:
             group, where = item.group, item.get("where")
-            label = item.get("label") or (group + "".join(f", {k.split('.')[-1]}={_num(v)}" for k, v in (where or {}).items()))
+            label = item.get("label") or (group + "".join(f", {k.split('.')[-1]}={v}" for k, v in (where or {}).items()))
         if group not in cache:
             cache[group] = collect_runs(cfg, group)
-        entries.append((label, matching_runs(cache[group], where)))
+        entries.append((label, matching_runs(cache[group], row_overrides(cfg, group, where))))
     return entries
 
 

@@ -6,16 +6,23 @@ overlays, a ``table:`` block:
 * ``groups``: name → ``overrides`` (list) and optional ``sweep`` (key → list of values).
   Each group is one ``diffusion-rl -m`` multirun into ``<runs_dir>/<table>/<group>/``.
   Finished runs are skipped (``skip_completed``) and killed ones resume from ``last.ckpt``.
-* ``rows``: ``label``, ``group``, optional ``target_reward`` (choose the sweep run whose mean
-  reward is closest — the calibration of the q-learning paper §6.4) or ``where`` (config
-  values the run must have; numbers match within a relative 1e-9, so ``0.3`` finds a run
-  whose value was computed as ``0.1 + 0.2``), and ``paper`` (the paper's numbers, cited in
-  ``source``). A row may instead be ``exact_optimum: {alpha: …}`` (see ``exact_rows.py``).
+* ``rows``: ``label``, ``group``, optional ``where`` (overrides the run must have been
+  launched with, e.g. ``{method.kl_weight: 0.05}``) and ``target_reward`` (of the cells left,
+  the one whose mean reward is closest — the calibration of the q-learning paper §6.4), and
+  ``paper`` (the paper's numbers, cited in ``source``).
 * ``columns``: metric keys shown for our runs, with a header each.
 
-Seeds: a group may sweep ``seed`` (``sweep: {seed: [0, 1, 2]}``). The runs of a group that
-share every other swept value form one *cell*; a row reports one cell — with several seeds,
-the mean over seeds ± a Student-t 95% interval over seeds (:func:`aggregate_seeds`).
+Run selection reads the overrides each run records in its ``metrics.json`` (``overrides``: the
+job's ``key=value`` list, as Hydra received it), parsed by Hydra's own override parser: a run
+belongs to a row when it was launched with every ``key=value`` of the row's group
+(``overrides``) and of its ``where``, compared as parsed values (``0.05`` finds
+``method.kl_weight=0.05``; ``true`` is not ``1``). Tables sharing a runs folder (``runs_name``)
+therefore report only the runs their own group defines.
+
+Seeds: a group may sweep ``seed`` (``sweep: {seed: [0, 1, 2]}``). The selected runs that share
+every other swept value form one *cell*; a row reports one cell — with several seeds, the mean
+over seeds ± a Student-t 95% interval over seeds (:func:`aggregate_seeds`). Several cells and
+no ``target_reward`` is an error (the row needs a ``where``).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
-import yaml  # parses override values the way Hydra does (numbers, booleans)
 
 log = logging.getLogger(__name__)
 
@@ -87,95 +95,73 @@ class Run:
     folder: Path
     config: DictConfig
     metrics: dict
+    #: the overrides the run was launched with (``metrics.json["overrides"]``), parsed: key → value
+    overrides: dict[str, Any]
+
+    @property
+    def seed(self):
+        return OmegaConf.select(self.config, "seed")
+
+
+def parse_overrides(overrides) -> dict[str, Any]:
+    """``["k=v", ...]`` → ``{k: value}`` with Hydra's parser (deletions and ``hydra.*`` dropped)."""
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides or []])
+    return {o.key_or_group: o.value() for o in parsed if not o.is_delete() and not o.key_or_group.startswith("hydra.")}
 
 
 def collect_runs(cfg: DictConfig, group: str) -> list[Run]:
     runs = []
     for metrics_file in sorted((runs_folder(cfg) / group).glob("*/metrics.json")):
-        folder = metrics_file.parent
-        runs.append(Run(folder, OmegaConf.load(folder / "config.yaml"), json.loads(metrics_file.read_text())))
+        folder, metrics = metrics_file.parent, json.loads(metrics_file.read_text())
+        if "overrides" not in metrics:
+            raise ValueError(f"{folder}: metrics.json records no overrides (finished before runs recorded them); "
+                             "delete the folder to rerun it")
+        runs.append(Run(folder, OmegaConf.load(folder / "config.yaml"), metrics, parse_overrides(metrics["overrides"])))
     return runs
 
 
-def values_match(value, wanted) -> bool:
-    """``where`` equality: numbers within a relative 1e-9 (a number written as text, e.g.
-    ``"1e-3"``, counts as that number); booleans only equal booleans; anything else ``==``."""
-    def number(v):
-        if isinstance(v, (int, float)):
-            return float(v)
-        if isinstance(v, str):
-            try:
-                return float(v)
-            except ValueError:
-                return None
-        return None
-    if isinstance(value, bool) or isinstance(wanted, bool):
-        return type(value) is type(wanted) and value == wanted
-    a, b = number(value), number(wanted)
-    if a is not None and b is not None and not (isinstance(value, str) and isinstance(wanted, str)):
-        return a == b or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-    return value == wanted
+def _same(a, b) -> bool:
+    return type(a) is type(b) if isinstance(a, bool) or isinstance(b, bool) else a == b
 
 
-def matching_runs(runs: list[Run], where) -> list[Run]:
-    where = where or {}
-    return [r for r in runs if all(values_match(OmegaConf.select(r.config, k), v) for k, v in where.items())]
+def matching_runs(runs: list[Run], wanted: dict) -> list[Run]:
+    """The runs launched with every ``key=value`` of ``wanted`` (``{key: parsed value}``)."""
+    return [r for r in runs if all(k in r.overrides and _same(r.overrides[k], v) for k, v in wanted.items())]
 
 
-def cell_keys(cfg: DictConfig, group: str) -> list[str] | None:
-    """The swept keys other than ``seed`` of a group (what tells its cells apart), or ``None``
-    when the table does not define the group (then the whole config but the seed does)."""
-    spec = cfg.table.get("groups", {}).get(group) if cfg.get("table") is not None else None
-    if spec is None:
-        return None
-    return [k for k in (spec.get("sweep") or {}) if k != "seed"]
+def _group_spec(cfg: DictConfig, group: str):
+    return cfg.table.get("groups", {}).get(group) if cfg.get("table") is not None else None
 
 
-def _cell_id(run: Run, keys: list[str] | None) -> str:
-    if keys is None:
-        container = OmegaConf.to_container(run.config, resolve=False)
-        if isinstance(container, dict):
-            container.pop("seed", None)
-        return json.dumps(container, sort_keys=True, default=str)
-    return json.dumps([OmegaConf.select(run.config, k) for k in keys], default=str)
+def row_overrides(cfg: DictConfig, group: str, where=None) -> dict[str, Any]:
+    """What a run of ``group`` matching ``where`` was launched with: the group's ``overrides``
+    and ``where`` (a mapping, values as YAML reads them)."""
+    spec = _group_spec(cfg, group)
+    wanted = parse_overrides((spec.get("overrides") or []) if spec is not None else [])
+    return {**wanted, **(OmegaConf.to_container(where) if OmegaConf.is_config(where) else dict(where or {}))}
 
 
-def seed_cells(runs: list[Run], keys: list[str] | None = None) -> list[list[Run]]:
-    """Split runs into cells (same values of ``keys``, any seed), in order of first appearance;
-    the runs of a cell are sorted by seed."""
+def seed_cells(runs: list[Run], keys: list[str]) -> list[list[Run]]:
+    """Split runs into cells (same recorded values of ``keys``, any seed), in order of first
+    appearance; the runs of a cell are sorted by seed."""
     cells: dict[str, dict] = {}
     for run in runs:
-        seed = OmegaConf.select(run.config, "seed")
-        cell = cells.setdefault(_cell_id(run, keys), {})
-        if seed in cell:  # two folders of one setting and seed (e.g. a renamed sweep): keep the first
+        cell = cells.setdefault(json.dumps([run.overrides.get(k) for k in keys], default=str), {})
+        if run.seed in cell:  # two folders of one setting and seed (e.g. a renamed sweep): keep the first
             log.warning("runs %s and %s share their settings and seed %s; reporting the first",
-                        cell[seed].folder, run.folder, seed)
+                        cell[run.seed].folder, run.folder, run.seed)
             continue
-        cell[seed] = run
-    return [sorted(c.values(), key=lambda r: (OmegaConf.select(r.config, "seed") is None,
-                                              OmegaConf.select(r.config, "seed") or 0)) for c in cells.values()]
+        cell[run.seed] = run
+    return [sorted(c.values(), key=lambda r: (r.seed is None, r.seed or 0)) for c in cells.values()]
 
 
-def group_settings(cfg: DictConfig, group: str) -> dict:
-    """The config values a group's overrides fix (``key=value`` with a dotted key). Tables that
-    share a runs folder (``runs_name``) may add runs with other values to a group's folder; a
-    row reports only the runs its own group defines."""
-    spec = cfg.table.get("groups", {}).get(group) if cfg.get("table") is not None else None
-    fixed = {}
-    for override in (spec.get("overrides") or []) if spec is not None else []:
-        key, _, value = str(override).partition("=")
-        if "." in key and not key.startswith(("hydra", "+", "~")):
-            fixed[key] = yaml.safe_load(value)
-    return fixed
-
-
-def select_runs(runs: list[Run], row: DictConfig, keys: list[str] | None = None,
-                fixed: dict | None = None) -> list[Run]:
-    """The runs (one cell: the seeds of one setting) a row reports: matching the group's fixed
-    settings and ``where``, then the cell whose seed-mean reward is closest to
+def select_runs(cfg: DictConfig, runs: list[Run], row: DictConfig) -> list[Run]:
+    """The runs (one cell: the seeds of one setting) a row reports: launched with the group's
+    overrides and the row's ``where``, then the cell whose seed-mean reward is closest to
     ``target_reward``. Without a target, several cells are ambiguous: an error asks for ``where``."""
-    where = {**(fixed or {}), **OmegaConf.to_container(row.get("where") or OmegaConf.create({}))}
-    cells = seed_cells(matching_runs(runs, where), keys)
+    spec = _group_spec(cfg, row.group)
+    keys = [k for k in ((spec.get("sweep") or {}) if spec is not None else {}) if k != "seed"]
+    cells = seed_cells(matching_runs(runs, row_overrides(cfg, row.group, row.get("where"))), keys)
     if not cells:
         return []
     if row.get("target_reward") is None:
@@ -190,29 +176,29 @@ def select_runs(runs: list[Run], row: DictConfig, keys: list[str] | None = None,
     return min(cells, key=distance)
 
 
-def select_run(runs: list[Run], row: DictConfig) -> Run | None:
-    """The run a row reports: matching ``where``, then closest to ``target_reward``."""
-    runs = matching_runs(runs, row.get("where"))
-    if not runs:
-        return None
-    if row.get("target_reward") is None:
-        return runs[0]
-    return min(runs, key=lambda r: abs(r.metrics["reward_mean"] - row.target_reward))
-
-
-def _ci_key(key: str) -> str:
+def ci_key(key: str) -> str:
+    """The interval of a metric: ``reward_mean`` → ``reward_ci95``, ``kl_div`` → ``kl_div_ci95``."""
     return f"{key.removesuffix('_mean')}_ci95"
+
+
+def fmt(metrics: dict, key: str) -> str:
+    """The one format of a metric cell: ``mean ± ci95``, a bare value (3 significant digits)
+    when it has no interval, ``—`` when missing."""
+    value, ci = metrics.get(key), metrics.get(ci_key(key))
+    if value is None:
+        return "—"
+    return f"{value:.2f} ± {ci:.3f}" if ci is not None else f"{value:.3g}"
 
 
 def aggregate_seeds(runs: list[Run]) -> dict:
     """Metrics of one cell. One run: its own metrics (CIs over its evaluation batches). Several
     runs (seeds): every numeric metric ``k`` becomes the mean over the runs that have it, and its
-    CI key (``reward_mean`` → ``reward_ci95``, ``kl_div`` → ``kl_div_ci95``) the half-width of the
-    Student-t 95% interval over those runs, ``t_{0.975, n-1} · sd / sqrt(n)`` (sd with ``n - 1``);
-    the runs' own evaluation CIs are dropped. Adds ``n_seeds`` and ``seeds``."""
+    CI key (:func:`ci_key`) the half-width of the Student-t 95% interval over those runs,
+    ``t_{0.975, n-1} · sd / sqrt(n)`` (sd with ``n - 1``); the runs' own evaluation CIs are
+    dropped. Adds ``n_seeds`` and ``seeds``."""
     if not runs:
         return {}
-    seeds = [OmegaConf.select(r.config, "seed") for r in runs]
+    seeds = [r.seed for r in runs]
     if len(runs) == 1:
         return {**runs[0].metrics, "n_seeds": 1, "seeds": seeds}
     from scipy.stats import t as student_t
@@ -229,9 +215,9 @@ def aggregate_seeds(runs: list[Run]) -> dict:
             out[key] = mean
             if n > 1:
                 sd = math.sqrt(sum((x - mean) ** 2 for x in numbers) / (n - 1))
-                out[_ci_key(key)] = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-            elif have[0].metrics.get(_ci_key(key)) is not None:
-                out[_ci_key(key)] = have[0].metrics[_ci_key(key)]  # only one seed has it
+                out[ci_key(key)] = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+            elif have[0].metrics.get(ci_key(key)) is not None:
+                out[ci_key(key)] = have[0].metrics[ci_key(key)]  # only one seed has it
         elif values and all(v == values[0] for v in values):
             out[key] = values[0]  # a setting shared by the seeds (e.g. a report key)
     out.update(n_seeds=len(runs), seeds=seeds)

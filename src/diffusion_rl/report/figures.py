@@ -36,20 +36,7 @@ from matplotlib.figure import Figure  # the object API renders with Agg: no pypl
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import gaussian_kde
 
-from .experiments import Run, collect_runs, values_match
-
-
-def _fmt(metrics: dict, key: str) -> str:
-    """``mean ± ci95``; the CI of ``reward_mean`` is stored as ``reward_ci95`` (evaluate.py)."""
-    value, ci = metrics.get(key), metrics.get(f"{key.removesuffix('_mean')}_ci95")
-    if value is None:
-        return "—"
-    return f"{value:.2f} ± {ci:.3f}" if ci is not None else f"{value:.3g}"
-
-
-def _short(metrics: dict, key: str) -> str:
-    value = metrics.get(key)
-    return "—" if value is None else f"{value:.2f}"
+from .experiments import Run, collect_runs, fmt
 
 
 def _density1d(runs: list[tuple[str, Run, np.ndarray]], dataset, data: np.ndarray) -> Figure:
@@ -71,8 +58,8 @@ def _density1d(runs: list[tuple[str, Run, np.ndarray]], dataset, data: np.ndarra
 
 
 def _scatter2d(runs: list[tuple[str, Run, np.ndarray]], dataset, data: np.ndarray) -> Figure:
-    panels = [("data", data), *((f"{label}\nreward {_short(r.metrics, 'reward_mean')}, "
-                                 f"KL(data) {_short(r.metrics, 'kl_data')}", x) for label, r, x in runs)]
+    panels = [("data", data), *((f"{label}\nreward {fmt(r.metrics, 'reward_mean')}, "
+                                 f"KL(data) {fmt(r.metrics, 'kl_data')}", x) for label, r, x in runs)]
     ncols = min(len(panels), 4)
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(3.2 * ncols, 3.4 * nrows))
@@ -94,23 +81,19 @@ HISTOGRAM_COLUMNS = {"reward_mean": "r̂ (nominal)", "reward_true_mean": "r (tru
                      "kl_div": "KL-Div"}
 
 
-def _seed(run: Run):
-    return OmegaConf.select(run.config, "seed")
-
-
 def _by_value_cells(runs: list[Run], by: str | None) -> list[tuple[object, list[Run]]]:
-    """Runs grouped by their ``by`` value (sorted; numbers compared with tolerance), seeds sorted."""
+    """Runs grouped by their ``by`` value (sorted), seeds sorted."""
     cells: list[tuple[object, list[Run]]] = []
     for run in runs:
         value = OmegaConf.select(run.config, by) if by else None
         for v, members in cells:
-            if values_match(v, value):
+            if v == value:
                 members.append(run)
                 break
         else:
             cells.append((value, [run]))
     cells.sort(key=lambda c: (c[0] is None, c[0] if isinstance(c[0], (int, float)) else str(c[0])))
-    return [(v, sorted(m, key=lambda r: (_seed(r) is None, _seed(r) or 0))) for v, m in cells]
+    return [(v, sorted(m, key=lambda r: (r.seed is None, r.seed or 0))) for v, m in cells]
 
 
 def histogram_data(cfg: DictConfig):
@@ -131,8 +114,7 @@ def histogram_data(cfg: DictConfig):
             cells.append((group, group, members))
     n_extra = len(cells)
     for value, members in _by_value_cells(collect_runs(cfg, spec.group), by):
-        shown = f"{value:.10g}" if isinstance(value, float) else value  # 0.1 + 0.2 reads 0.3
-        cells.append((f"{symbol} = {shown}" if by else spec.group, spec.group, members))
+        cells.append((f"{symbol} = {value}" if by else spec.group, spec.group, members))
 
     drawn, missing = [], []
     for i, (label, _, members) in enumerate(cells):
@@ -201,8 +183,8 @@ def _write_histogram(cfg: DictConfig) -> Path:
              "|" + "---|" * (len(keys) + 3)]
     for label, _, members in cells:
         for r in members:
-            lines.append("| " + " | ".join([label, str(_seed(r)), "✓" if id(r) in used else "",
-                                            *(_fmt(r.metrics, k) for k in keys)]) + " |")
+            lines.append("| " + " | ".join([label, str(r.seed), "✓" if id(r) in used else "",
+                                            *(fmt(r.metrics, k) for k in keys)]) + " |")
     lines += ["", *([f"No rewards.npy: {', '.join(str(r.folder) for r in missing)}", ""] if missing else [])]
     if not all_runs:
         lines += [f"No finished runs in group {spec.group!r}.", ""]
@@ -245,7 +227,7 @@ def write_figure(cfg: DictConfig) -> Path:
     headers = {"reward_mean": "reward", "kl_data": "KL(data)", "kl_path": "path KL"}
     lines = ["| " + " | ".join([spec.by, *(headers[k] for k in keys)]) + " |", "|" + "---|" * (len(keys) + 1)]
     for r in runs:
-        lines.append("| " + " | ".join([str(OmegaConf.select(r.config, spec.by)), *(_fmt(r.metrics, k) for k in keys)]) + " |")
+        lines.append("| " + " | ".join([str(OmegaConf.select(r.config, spec.by)), *(fmt(r.metrics, k) for k in keys)]) + " |")
     missing = [str(r.folder) for r in runs if not (r.folder / "samples.npy").exists()]
     lines += ["", *([f"Not drawn (no samples.npy): {', '.join(missing)}", ""] if missing else [])]
     if not runs:
