@@ -178,11 +178,12 @@ def test_statically_read_flags_of_datasets_rewards_and_samplers_equal_the_object
 
 def test_flags_say_what_the_methods_need():
     flags = {m: class_flags(compose_config([f"method={m}"]).method, METHOD_FLAGS) for m in METHODS}
-    assert {m for m, f in flags.items() if not f["fine_tunes"]} == {"pretrained", "guidance"}
+    assert {m for m, f in flags.items() if not f["fine_tunes"]} == {"pretrained", "guidance", "exact_optimum"}
     assert {m for m, f in flags.items() if f["needs_differentiable_reward"]} == \
         {"reward_backprop", "nokl", "truncation", "random_k", "elegant"}
     assert {m for m, f in flags.items() if f["needs_stochastic_sampler"]} == {"ddpo", "dpok", "ppo_kl"}
     assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == {"qlearning"}
+    assert {m for m, f in flags.items() if "vectors" not in f["sample_kinds"]} == {"exact_optimum"}
 
 
 @pytest.mark.parametrize("overrides, words", [

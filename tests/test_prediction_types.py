@@ -111,3 +111,28 @@ def test_ddim_chain_matches_diffusers_ddim_scheduler(eta, tmp_path):
 def test_discrete_process_has_no_sde():
     with pytest.raises(NotImplementedError):
         EulerMaruyama(DiscreteVPProcess(), 10).rollout(lambda x, s, c: x, 2, event_shape=(3,))
+
+
+def test_deterministic_step_kl_is_the_same_for_every_prediction_type(float64):
+    """The Girsanov cost of a deterministic step compares drifts, so an eps network and the
+    score network it is equivalent to pay the same KL (the raw outputs differ by -sigma)."""
+    from diffusion_rl.core.samplers import ODEEuler
+
+    g = torch.Generator().manual_seed(1)
+    x, k = torch.randn(6, 2, generator=g), torch.full((6,), 3)
+    score, ref = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g)
+    by_score = ODEEuler(VPProcess(), 10)
+    by_eps = ODEEuler(VPProcess(prediction_type="eps"), 10)
+    s = by_score.times[k]
+    eps_of = lambda sc: by_eps.process.from_score(x, s, sc)  # noqa: E731
+    kl_score = by_score.step_kl(x, k, score, ref, None, None, torch.zeros(6))
+    kl_eps = by_eps.step_kl(x, k, eps_of(score), eps_of(ref), None, None, torch.zeros(6))
+    torch.testing.assert_close(kl_eps, kl_score)
+    g2dt = by_score.process.g(s) ** 2 * (by_score.times[3] - by_score.times[4])
+    torch.testing.assert_close(kl_score, 0.5 * g2dt * ((score - ref) ** 2).sum(-1))
+
+
+def test_deterministic_discrete_steps_have_no_kl():
+    sampler = DDIM(DiscreteVPProcess(), 4, eta=0.0)
+    with pytest.raises(ValueError, match="no SDE"):
+        sampler.rollout(lambda x, s, c: torch.zeros_like(x), 2, event_shape=(3,), reference=lambda x, s, c: x)

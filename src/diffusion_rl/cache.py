@@ -103,7 +103,7 @@ def cached(kind: str, config: Mapping | DictConfig, cache_dir: str | Path,
             torch.save(net.state_dict(), folder / "net.pt")
 
         def load(folder):
-            net.load_state_dict(torch.load(folder / "net.pt"))
+            net.load_state_dict(torch.load(folder / "net.pt", weights_only=True))
             return net
 
         net = cached("oracle", {"net": repr(net), "epochs": 10}, cache_dir, fit, load)

@@ -96,7 +96,7 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
         torch.save(backbone.state_dict(), folder / "backbone.pt")
 
     def load(folder: Path):
-        backbone.load_state_dict(torch.load(folder / "backbone.pt", map_location="cpu"))
+        backbone.load_state_dict(torch.load(folder / "backbone.pt", map_location="cpu", weights_only=True))
         return backbone
 
     return cached("pretrain", pretrain_config(cfg), cfg.paths.cache_dir, fit, load)

@@ -94,12 +94,22 @@ class Sampler:
         """``[B]`` KL between this step's transition and the reference one.
 
         Stochastic steps: the exact Gaussian KL ``|mean - ref_mean|^2 / (2 std^2)``. A
-        deterministic step has no KL, so we use the Girsanov control cost of the same two
-        scores, ``g^2 dt |output - ref_output|^2 / 2``: what the two SDEs would differ by.
+        deterministic step has no KL, so we use the Girsanov control cost of the two
+        generative SDEs over the step, ``dt |drift - ref_drift|^2 / (2 g^2)`` (for a score
+        network ``g^2 dt |score - ref_score|^2 / 2``). A chain with no SDE behind it (the
+        discrete VP schedule) has no such cost: its deterministic steps are refused.
         """
         dims = tuple(range(1, x.dim()))
+        if self.stochastic and bool((std > 0).all()):
+            return ((mean - ref_mean) ** 2).sum(dims) / (2 * std**2)
         s, dt = self._grid(x, k)
-        control_cost = 0.5 * self.process.reverse_diffusion(s) ** 2 * dt * ((output - ref_output) ** 2).sum(dims)
+        try:
+            g2 = self.process.reverse_diffusion(s) ** 2
+        except NotImplementedError:
+            raise ValueError(f"a deterministic step of {type(self.process).__name__} (no SDE) has no KL to the "
+                             "reference: use a stochastic sampler (sampler.eta > 0) with sampler.final_noise=true") from None
+        delta = self.process.reverse_drift(x, s, output) - self.process.reverse_drift(x, s, ref_output)
+        control_cost = dt * (delta**2).sum(dims) / (2 * g2)
         if not self.stochastic:
             return control_cost
         gaussian = ((mean - ref_mean) ** 2).sum(dims) / (2 * torch.where(std > 0, std, torch.ones_like(std)) ** 2)

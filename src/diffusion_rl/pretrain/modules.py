@@ -53,14 +53,17 @@ class _Pretrainer(L.LightningModule):
 
 class ScoreMatching(_Pretrainer):
     """Denoising score matching (Vincent 2011) with weight ``sigma(s)^2``:
-    ``E |sigma(s) s_theta(x_s, s) + eps|^2``, ``x_s = alpha(s) x_0 + sigma(s) eps``."""
+    ``E |sigma(s) s_theta(x_s, s) + eps|^2``, ``x_s = alpha(s) x_0 + sigma(s) eps``, where
+    ``s_theta`` is the network output read as a score by the process (for an eps network this
+    is the usual ``E |eps_theta - eps|^2``)."""
 
     def loss(self):
         x0, s = self._draw()
         alpha, sigma = self.process.marginal_coeffs(s.cpu())
         alpha, sigma = _bcast(alpha.to(x0), x0), _bcast(sigma.to(x0), x0)
         eps = torch.randn(x0.shape, generator=self.generator).to(x0)
-        score = self.backbone(alpha * x0 + sigma * eps, s)
+        x = alpha * x0 + sigma * eps
+        score = self.process.to_score(x, s, self.backbone(x, s))
         return ((sigma * score + eps) ** 2).flatten(1).sum(-1).mean()
 
 

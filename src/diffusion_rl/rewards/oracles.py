@@ -272,7 +272,7 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
         torch.save(net.state_dict(), folder / "oracle.pt")
 
     def load(folder: Path) -> tuple[Path, dict]:
-        net.load_state_dict(torch.load(folder / "oracle.pt", map_location="cpu"))
+        net.load_state_dict(torch.load(folder / "oracle.pt", map_location="cpu", weights_only=True))
         return folder, json.loads((folder / "oracle.json").read_text())
 
     folder, summary = cached("oracle", settings, cache_dir, fit, load)
