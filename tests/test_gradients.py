@@ -170,15 +170,16 @@ def test_methods_reject_what_their_flags_rule_out():
             cls(MLPBackbone(2, hidden=16), ODEEuler(OUProcess(T=1.0), 4), box, **COMMON)
 
 
-def test_ppo_kl_advantages_are_kl_returns_to_go():
-    """Step k's return is r - kl_weight * (KL_k + ... + KL_{K-1}), centred over the batch per step."""
+def test_ppo_kl_advantages_are_the_later_steps_kl_to_go():
+    """Analytic penalty: step k's return is r - kl_weight * (KL_{k+1} + ... + KL_{K-1}), centred
+    over the batch per step (KL_k itself is differentiated directly, tests/test_kl_gradient.py)."""
     from types import SimpleNamespace
 
     method = build(PPOKL, kl_weight=1.0, normalize_advantages=False)
     traj = SimpleNamespace(kl=torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # [K=2, B=2]
     adv = method.advantages(torch.tensor([0.0, 0.0]), traj)
-    # returns-to-go: [[-4, -6], [-3, -4]], centred per step
-    torch.testing.assert_close(adv, torch.tensor([[1.0, -1.0], [0.5, -0.5]]))
+    # later-steps KL: [[3, 4], [0, 0]], returns its negative, centred per step
+    torch.testing.assert_close(adv, torch.tensor([[0.5, -0.5], [0.0, 0.0]]))
     adv = build(PPOKL, kl_weight=0.0, normalize_advantages=False).advantages(torch.tensor([1.0, 3.0]), traj)
     torch.testing.assert_close(adv, torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))  # DDPO's, at every step
 

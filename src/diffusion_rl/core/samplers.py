@@ -151,18 +151,15 @@ class Sampler:
             carries_grad = k >= grad_start
             if k == grad_start:
                 x = x.detach()  # truncation: nothing before the window receives gradient
+            zero_last_noise = k == K - 1 and not self.final_noise
             with torch.set_grad_enabled(carries_grad and torch.is_grad_enabled()):
                 if carries_grad and checkpoint_steps:
-                    out, mean, std = checkpoint(self._step, policy, x, kk, s, cond, use_reentrant=False)
+                    out, mean, std, kl = checkpoint(self._step, policy, x, kk, s, cond, reference, zero_last_noise,
+                                                    use_reentrant=False)
                 else:
-                    out, mean, std = self._step(policy, x, kk, s, cond)
-                if k == K - 1 and not self.final_noise:
-                    std = torch.zeros_like(std)
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_out = reference(x, s, cond)
-                        ref_mean, _ = self.transition(x, kk, ref_out)
-                    kls.append(self.step_kl(x, kk, out, ref_out, mean, ref_mean, std))
+                    out, mean, std, kl = self._step(policy, x, kk, s, cond, reference, zero_last_noise)
+            if kl is not None:
+                kls.append(kl)
             noise = torch.randn(x.shape, generator=generator, device=x.device)
             x = mean + _bcast(std, mean) * noise if self.stochastic else mean  # std = 0: the mean
             states.append(x)
@@ -176,10 +173,22 @@ class Sampler:
             kl=torch.stack(kls) if kls else None, grad_start=grad_start, cond=cond,
         )
 
-    def _step(self, policy: Policy, x: Tensor, k: Tensor, s: Tensor, cond: Cond):
+    def _step(self, policy: Policy, x: Tensor, k: Tensor, s: Tensor, cond: Cond,
+              reference: Policy | None = None, zero_noise: bool = False):
         out = policy(x, s, cond)
         mean, std = self.transition(x, k, out)
-        return out, mean, std
+        if zero_noise:
+            std = torch.zeros_like(std)
+        if reference is None:
+            return out, mean, std, None
+        # The reference is evaluated at the *visited* state with gradient enabled: its
+        # parameters are frozen, but x_k depends on the fine-tuned parameters, and the
+        # pathwise gradient of E[sum_k KL_k(x_k)] needs d m_pre(x_k) / d x_k as much as
+        # d m_theta(x_k) / d x_k. Under no_grad that term is lost and the chain settles at
+        # a wrong optimum, with the control pushed into the last steps (tests/test_kl_gradient.py).
+        ref_out = reference(x, s, cond)
+        ref_mean, _ = self.transition(x, k, ref_out)
+        return out, mean, std, self.step_kl(x, k, out, ref_out, mean, ref_mean, std)
 
     def recompute_means(self, policy: Policy, traj: Trajectory, steps: range | None = None,
                         chunk_steps: int | None = None) -> Tensor:

@@ -4,12 +4,14 @@ Objective (q-learning paper eq. 35): ``reward_weight E[r(x_K)] - kl_weight sum_k
 KL(p_theta(.|x_k) ‖ p_pre(.|x_k))``. The reward part is the family's clipped surrogate with an
 unnormalised advantage ``reward_weight (r - mean r)`` (normalising would erase the
 reward weight that sets the trade-off); the KL part is the closed-form Gaussian KL of each
-step, differentiated through the recomputed means at the visited states.
+step, differentiated through the recomputed means at the visited states. That gradient
+holds the states fixed (no KL-to-go), so DPOK settles where each step trades its own KL
+against the reward-only continuation — a *myopic* equilibrium, not the optimum of the
+objective above (closed form in :mod:`diffusion_rl.evaluation.linear_gaussian`; tested).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..core.trajectory import Trajectory
@@ -25,13 +27,7 @@ class DPOK(PolicyGradientMethod):
         self.kl_weight = kl_weight
 
     def prepare(self, traj: Trajectory) -> None:
-        with torch.no_grad():  # the reference's means: constants of the KL, in the same step chunks
-            self._ref_means = self.sampler.recompute_means(self.reference, traj, chunk_steps=self.steps_per_backward)
+        self.prepare_reference_means(traj)
 
     def regulariser(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
-        stds = traj.stds[steps.start:steps.stop]
-        noisy = stds > 0  # a deterministic last step (DDIM onto s = 0) has no Gaussian KL
-        ref = self._ref_means[steps.start:steps.stop][:, idx]
-        var = stds[noisy].reshape(-1, *([1] * (means.dim() - 1))) ** 2
-        kl = ((means[noisy] - ref[noisy]) ** 2 / (2 * var)).flatten(2).sum(-1)  # [k', b]
-        return self.kl_weight * kl.sum(0).mean()
+        return self.kl_weight * self.direct_kl(traj, means, steps, idx)

@@ -56,6 +56,24 @@ class PolicyGradientMethod(FineTuneMethod):
         (``[len(steps), b, *E]``); must be a sum over those steps (it is backpropagated per chunk)."""
         return means.new_zeros(())
 
+    # --- the analytic KL at the visited states (DPOK, PPO + KL) ------------------------------
+    def prepare_reference_means(self, traj: Trajectory) -> None:
+        """The pretrained means at the recorded states: constants of the direct KL term (the
+        states are data here; the KL's dependence on earlier steps is the advantages' job)."""
+        with torch.no_grad():
+            self._ref_means = self.sampler.recompute_means(self.reference, traj, chunk_steps=self.steps_per_backward)
+
+    def direct_kl(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
+        """``mean_b sum_k KL_k(theta; x_k)`` over ``steps`` at the recorded states, differentiated
+        through the recomputed ``means`` only. A deterministic step (DDIM onto s = 0) has no
+        Gaussian KL and is skipped."""
+        stds = traj.stds[steps.start:steps.stop]
+        noisy = stds > 0
+        ref = self._ref_means[steps.start:steps.stop][:, idx]
+        var = stds[noisy].reshape(-1, *([1] * (means.dim() - 1))) ** 2
+        kl = ((means[noisy] - ref[noisy]) ** 2 / (2 * var)).flatten(2).sum(-1)  # [k', b]
+        return kl.sum(0).mean()
+
     # --- one iteration -----------------------------------------------------------------------
     def update(self) -> dict[str, float]:
         traj = self.rollout()
