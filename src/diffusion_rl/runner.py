@@ -4,7 +4,8 @@ Run outputs contract (read by ``scripts/make_table.py`` and other tools), all in
 ``config.yaml`` (composed config), ``metrics.json`` (flat final numbers), ``metrics.csv``
 (curves, Lightning CSV logger), ``samples.npy`` (final evaluation samples; decoded tokens
 ``[N, L]`` for sequences; images: a bounded number, plus ``samples.png``; evaluation/samples.py),
-``rewards.npy`` (their nominal rewards), ``last.ckpt``.
+``rewards.npy`` (their nominal rewards), ``timing.json`` (wall seconds, kept out of
+``metrics.json`` so that the same command gives the same bytes), ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from .cache import cached
 from .evaluation.evaluate import EvalConfig, build_metrics, evaluate, sample_kind
 from .evaluation.samples import write_samples
-from .seeding import derive_seed
+from .seeding import derive_seed, seeded_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,14 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
     then loaded from ``<cache_dir>/pretrain/<key>/backbone.pt`` by every run of a sweep.
     ``pretrain: null`` (``pretrain=null``) uses the backbone as instantiated (e.g. weights its
     constructor loaded from disk): no pretraining, no cache entry."""
-    backbone = instantiate(cfg.backbone)
     spec = cfg.get("pretrain")
-    if spec is None or "_target_" not in spec:
+    pretrains = spec is not None and "_target_" in spec
+    # a cached backbone is shared by every seed of a sweep: its initial weights (and its whole
+    # fit) come from the pretraining seed, which is part of the cache key, never the run's seed
+    init_seed = int(spec.get("seed", 0)) if pretrains else int(cfg.seed)
+    with seeded_global_rng(init_seed, "backbone"):
+        backbone = instantiate(cfg.backbone)
+    if not pretrains:
         # without a pretrain option only loose keys can remain (debug=smoke's shrunk budget)
         log.info("pretrain: none; the backbone is used as instantiated")
         return backbone
@@ -92,7 +98,8 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
         log.info("pretraining %s: %d iterations x batch %d (%d epochs) -> %s", type(module).__name__,
                  module.iterations, module.batch_size, module.epochs, folder)
         loggers = [L.pytorch.loggers.CSVLogger(folder, name="", version="")]
-        build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False).fit(module)
+        with seeded_global_rng(init_seed, "pretrain"):
+            build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False).fit(module)
         torch.save(backbone.state_dict(), folder / "backbone.pt")
 
     def load(folder: Path):
@@ -108,9 +115,25 @@ def bind_reward(reward, dataset):
     return reward(dataset=dataset) if isinstance(reward, functools.partial) else reward
 
 
+def component_seed(spec, cfg: DictConfig) -> int:
+    """The seed a component's networks start from: its own ``seed`` (a cached oracle's, part
+    of its cache key) or, for a component without one, the run's."""
+    own = spec.get("seed") if isinstance(spec, DictConfig) else None
+    return int(cfg.seed if own is None else own)
+
+
 def build_reward(cfg: DictConfig, dataset):
-    """The nominal reward."""
-    return bind_reward(instantiate(cfg.reward), dataset)
+    """The nominal reward (an oracle's network is built and fitted, or loaded, here)."""
+    with seeded_global_rng(component_seed(cfg.reward, cfg), "reward"):
+        return bind_reward(instantiate(cfg.reward), dataset)
+
+
+def build_true_reward(cfg: DictConfig):
+    """The genuine reward r where the task knows it (bound to the dataset later), or None."""
+    if cfg.get("true_reward") is None:
+        return None
+    with seeded_global_rng(component_seed(cfg.true_reward, cfg), "true_reward"):
+        return instantiate(cfg.true_reward)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -151,18 +174,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("already finished: %s", done)
         return json.loads(done.read_text())
     dataset = instantiate(cfg.dataset)  # cheap constructors first: their range checks fail before any write
-    # the genuine reward's network (if any) is built here, where it was built as part of the
-    # dataset before, so that every later draw from the global RNG stays where it was
-    true_reward = None if cfg.get("true_reward") is None else instantiate(cfg.true_reward)
+    true_reward = build_true_reward(cfg)
     process = instantiate(cfg.process)
     sampler = instantiate(cfg.sampler, process=process)
     kind = sample_kind(dataset)  # a requested metric that cannot read it fails here, before any compute
     eval_metrics = build_metrics(cfg.eval.compute, cfg.eval.get("select"), kind)
     reward = build_reward(cfg, dataset)  # an oracle is fitted (or loaded) here, into the cache
     backbone = pretrained_backbone(cfg, dataset, process)  # writes only to the cache
-    true_reward = bind_reward(true_reward, dataset)  # a proxy oracle is fitted (or loaded) here, as before
-    method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset, seed=cfg.seed,
-                         true_reward=true_reward)
+    with seeded_global_rng(component_seed(cfg.get("true_reward"), cfg), "true_reward_fit"):
+        true_reward = bind_reward(true_reward, dataset)  # a proxy oracle is fitted (or loaded) here
+    with seeded_global_rng(cfg.seed, "method"):  # the method's own networks (critics, classifiers, ...)
+        method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset,
+                             seed=cfg.seed, true_reward=true_reward)
     run_dir.mkdir(parents=True, exist_ok=True)  # every constructor has checked its input by now
     OmegaConf.save(cfg, run_dir / "config.yaml")
 
@@ -180,7 +203,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             if curves.exists():  # Lightning's CSV logger deletes an existing metrics.csv
                 os.replace(curves, earlier)
         trainer = build_trainer(cfg, run_dir, method.epochs, build_loggers(cfg, run_dir), checkpoint=True)
-        trainer.fit(method, ckpt_path=str(last) if last.exists() else None)
+        with seeded_global_rng(cfg.seed, "finetune"):  # methods draw from their own generators; this covers the rest
+            trainer.fit(method, ckpt_path=str(last) if last.exists() else None)
         if not trainer.is_global_zero:  # under DDP, rank 0 alone evaluates and writes
             return {}
         if earlier.exists():
@@ -193,9 +217,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     method.to(device).eval()
     eval_cfg = EvalConfig(**cfg.eval.metrics)
-    # the evaluation's two streams, by the project's rule: chain noise on the device, data draws on the CPU
-    generator = torch.Generator(device=device).manual_seed(int(cfg.eval.seed))
-    data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.eval.seed), "data"))
+    # the evaluation's two streams, by the project's rule: chain noise on the device, data draws
+    # on the CPU; both derive from the run's seed, so seeds are independent replicates
+    # (eval.seed picks another evaluation of the same run)
+    generator = torch.Generator(device=device).manual_seed(derive_seed(int(cfg.seed), "eval", int(cfg.eval.seed)))
+    data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.seed), "eval_data", int(cfg.eval.seed)))
     metrics, samples, rewards = evaluate(
         method.generate, reward.to(device), eval_cfg, eval_metrics, kind=kind, generator=generator,
         data_generator=data_generator, data=dataset, decode=method.decode,
@@ -205,12 +231,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             if key.endswith("r2"):
                 metrics[f"{name}_{key}"] = value  # how far r_hat (and a proxy r) can be trusted
     metrics.update(method.extra_metrics())
-    metrics["wall_seconds"] = time.time() - start
     # what the job was launched with: tables select their rows' runs by these (report/experiments.py)
     metrics["overrides"] = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics
         metrics[key] = OmegaConf.select(cfg, key)
     write_samples(run_dir, samples, rewards, kind, eval_cfg.saved_images)
+    # timing apart from the numbers: the same command gives a byte-identical metrics.json
+    (run_dir / "timing.json").write_text(json.dumps({"wall_seconds": time.time() - start}))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # last: marks the run finished
     log.info("metrics: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     return metrics

@@ -9,9 +9,28 @@ Python, hence SHA-256.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from typing import Iterator
 
 
 def derive_seed(seed: int, *roles: object) -> int:
     """A 63-bit seed for ``roles`` (e.g. ``"data"``, a rank) derived from ``seed``."""
     text = ":".join(str(part) for part in (int(seed), *roles))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+@contextmanager
+def seeded_global_rng(seed: int, *roles: object) -> Iterator[None]:
+    """Run a block on a fork of torch's global CPU generator seeded with ``derive_seed(seed, *roles)``.
+
+    ``torch.nn`` layers draw their initial weights from the global generator and take no
+    generator argument, and a ``DataLoader`` without one draws its base seed there too. The
+    composition root (``runner.py``) therefore builds each network — and runs each fit — inside
+    this block: what the block draws depends on its seed and role only, never on what ran
+    before it (a cache hit skips a whole fit and its draws), and the caller's generator state
+    is given back unchanged afterwards (so this is not global seeding)."""
+    import torch  # here, not at the top: validation imports this module and must stay torch-free
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, *roles))
+        yield

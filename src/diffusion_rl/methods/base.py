@@ -196,7 +196,9 @@ class FineTuneMethod(L.LightningModule):
         return torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr)
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(_Iterations(self.iterations_per_epoch), batch_size=None)
+        # a generator of its own: without one every epoch's iterator draws a seed from the global RNG
+        return torch.utils.data.DataLoader(_Iterations(self.iterations_per_epoch), batch_size=None,
+                                           generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")))
 
     def training_step(self, batch, batch_idx):
         self.backbone.train()

@@ -8,6 +8,7 @@ import torch
 from ..backbones.base import Backbone
 from ..core.processes import BrownianBridgeProcess, ForwardProcess, _bcast
 from ..methods.base import _Iterations
+from ..seeding import derive_seed
 
 
 class _Pretrainer(L.LightningModule):
@@ -34,7 +35,9 @@ class _Pretrainer(L.LightningModule):
         return -(-self.iterations // self.iterations_per_epoch)
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(_Iterations(self.iterations_per_epoch), batch_size=None)
+        # a generator of its own: without one every epoch's iterator draws a seed from the global RNG
+        return torch.utils.data.DataLoader(_Iterations(self.iterations_per_epoch), batch_size=None,
+                                           generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.backbone.parameters(), lr=self.lr)

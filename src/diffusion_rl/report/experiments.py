@@ -116,6 +116,9 @@ def collect_runs(cfg: DictConfig, group: str) -> list[Run]:
         if "overrides" not in metrics:
             raise ValueError(f"{folder}: metrics.json records no overrides (finished before runs recorded them); "
                              "delete the folder to rerun it")
+        timing = folder / "timing.json"  # wall time, kept apart from the (reproducible) metrics
+        if timing.exists():
+            metrics = {**metrics, **json.loads(timing.read_text())}
         runs.append(Run(folder, OmegaConf.load(folder / "config.yaml"), metrics, parse_overrides(metrics["overrides"])))
     return runs
 

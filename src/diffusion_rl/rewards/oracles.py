@@ -119,7 +119,8 @@ class OracleRegression(L.LightningModule):
             generator=torch.Generator().manual_seed(self.seed + 1))
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader(self._dataset(self.heldout_index), batch_size=max(self.batch_size, 4096))
+        return torch.utils.data.DataLoader(self._dataset(self.heldout_index), batch_size=max(self.batch_size, 4096),
+                                           generator=torch.Generator().manual_seed(self.seed + 2))  # not the global RNG
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
