@@ -10,7 +10,7 @@ TABLE := $(PY) scripts/make_table.py
 TABLES := qlearning_table3 qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3 \
           elegant_table1 elegant_table2 elegant_table3 elegant_fig2
 
-.PHONY: help setup test demo report dashboard bench clean $(TABLES)
+.PHONY: help setup test demo all report readme dashboard bench clean elegant_lr_sweep $(TABLES)
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -52,8 +52,17 @@ elegant_table3: setup  ## ELEGANT Table 3: TFBind8 r_hat vs genuine r, 6 methods
 elegant_fig2: setup  ## ELEGANT Figure 2: r_hat histograms of ELEGANT for alpha in {0.005 .. 0.1} + pretrained (PNG)
 	$(TABLE) $@
 
+all: $(TABLES)  ## Every CPU table and figure (finished runs are reused), then the README's results section
+	$(PY) scripts/readme_results.py
+
+elegant_lr_sweep: setup  ## The lr x batch sweep behind the TFBind8 fine-tuning budget (ELEGANT, alpha = 0.05)
+	$(TABLE) $@
+
 report: setup  ## Rebuild every report from the finished runs, without running anything
 	for t in $(TABLES); do $(TABLE) $$t --report-only > /dev/null && echo "outputs/report/$$t"; done
+
+readme: report  ## Rewrite the README's results section from the reports (scripts/readme_results.py)
+	$(PY) scripts/readme_results.py
 
 dashboard: setup  ## TensorBoard over outputs/ on http://127.0.0.1:6006
 	$(PY) -m tensorboard.main --logdir outputs --host 127.0.0.1 --port 6006

@@ -181,8 +181,8 @@ def test_flags_say_what_the_methods_need():
     assert {m for m, f in flags.items() if not f["fine_tunes"]} == {"pretrained", "guidance", "exact_optimum"}
     assert {m for m, f in flags.items() if f["needs_differentiable_reward"]} == \
         {"reward_backprop", "nokl", "truncation", "random_k", "elegant"}
-    assert {m for m, f in flags.items() if f["needs_stochastic_sampler"]} == {"ddpo", "dpok", "ppo_kl"}
-    assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == {"qlearning"}
+    assert {m for m, f in flags.items() if f["needs_stochastic_sampler"]} == {"ddpo", "dpok", "ppo_kl", "ppo_kl_log_ratio"}
+    assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == {"qlearning", "qlearning_td"}
     assert {m for m, f in flags.items() if "vectors" not in f["sample_kinds"]} == {"exact_optimum"}
 
 

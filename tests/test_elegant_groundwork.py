@@ -258,3 +258,28 @@ def test_trained_oracle_is_cached_and_normalises_labels(tmp_path) -> None:
     assert 0 <= pred.min() and pred.max() <= 1  # sigmoid output on the normalised scale
     target = (y - y.min()) / (y.max() - y.min())
     assert (pred - target).abs().mean() < 0.1
+
+
+def test_exact_optimum_tilts_the_pretrained_chains_decoded_law():
+    """``p_data: pretrained`` tilts what the pretrained chain generates (like for like with a
+    fine-tuned chain's KL), estimated from its own draws: at a huge alpha the tilt is that
+    empirical law, which is not the training split's."""
+    from diffusion_rl.backbones.sequence_transformer import SequenceTransformerBackbone
+    from diffusion_rl.core.processes import VPProcess
+    from diffusion_rl.core.samplers import EulerMaruyama
+    from diffusion_rl.data.sequence_tasks import TFBind8Task
+    from diffusion_rl.evaluation.exact_optimum import all_sequences, empirical_log_p_data
+    from diffusion_rl.methods.exact_optimum import ExactOptimum
+    from diffusion_rl.rewards.oracles import ExactLookupReward
+
+    task = TFBind8Task(shared_data_dir() / "tfbind8")
+    torch.manual_seed(0)
+    backbone = SequenceTransformerBackbone(8, 4, d_model=16, nhead=2, num_layers=1, time_scale=1000.0)
+    sampler = EulerMaruyama(VPProcess(time_scale=1000.0), 4)
+    kw = dict(dataset=task, kl_weight=1e6, smoothing=1e-3, iterations=0, batch_size=8, lr=1e-3, seed=3)
+    method = ExactOptimum(backbone, sampler, ExactLookupReward(task.full), p_data="pretrained", pretrained_samples=3000, **kw)
+    draws = method._pretrained_draws(3000)
+    expected = empirical_log_p_data(draws, all_sequences(8, 4), smoothing=1e-3).exp()
+    assert torch.allclose(method.probs.double(), expected, atol=1e-7)
+    on_train = ExactOptimum(backbone, sampler, ExactLookupReward(task.full), p_data="train", **kw)
+    assert (method.probs - on_train.probs).abs().sum() > 0.5  # a different law from the training split's

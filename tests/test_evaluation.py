@@ -31,7 +31,7 @@ def names(kind, select=None):
 def test_default_metrics_per_sample_kind():
     common = ["reward_mean", "reward_true_mean", "kl_path", "kl_init", "kl_div"]
     assert names("vectors") == [*common, "kl_data"]
-    assert names("tokens") == [*common, "diversity"]
+    assert names("tokens") == [*common[:2], "reward_relaxed_mean", "reward_softmax_mean", *common[2:], "diversity"]
     assert names("images") == common
     assert all(isinstance(m, Metric) for m in build_metrics(EVAL.compute, None, "tokens"))
 

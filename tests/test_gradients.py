@@ -62,6 +62,7 @@ METHODS = {
     "ddpo": lambda: build(DDPO, minibatches=2),
     "dpok": lambda: build(DPOK, minibatches=2, kl_weight=1.0, reward_weight=5.0),
     "qlearning": build_qlearning,
+    "qlearning_td": lambda: build_qlearning(critic_target="td"),
     "ppo_kl": lambda: build(PPOKL, minibatches=2, kl_weight=0.1),
     "reward_backprop": lambda: build(RewardBackprop, kl_weight=1.0, grad_window={"kind": "all"}),
 }
@@ -86,7 +87,7 @@ def test_one_update_moves_trainable_weights_only(name, tmp_path):
     assert all(p.grad is None for p in method.reference.parameters())
     assert all(p.grad is not None for p in method.backbone.parameters())
     assert all(not p.requires_grad for p in method.reference.parameters())
-    if name == "qlearning":
+    if name.startswith("qlearning"):
         assert changed(before, after, "value.") == [k for k in before if k.startswith("value.")]
         assert all(p.grad is not None for p in method.value.parameters())
         assert len(method.trainer.optimizers) == 2
@@ -140,6 +141,7 @@ def test_ddpo_advantages_are_normalised():
     (DPOK, dict(kl_weight=-1.0), "kl_weight"),
     (QLearning, dict(reward_weight=1.0, temperature=0.0, delta=1e-4), "temperature"),
     (QLearning, dict(reward_weight=-1.0, temperature=0.1, delta=1e-4), "reward_weight"),
+    (QLearning, dict(reward_weight=1.0, temperature=0.1, delta=1e-4, critic_target="td0"), "critic_target"),
     (DDPO, dict(batch_size=0), "batch_size"),
     (DDPO, dict(lr=0.0), "lr"),
 ])

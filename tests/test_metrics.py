@@ -190,3 +190,29 @@ def test_mixture_score_works_under_no_grad(mixture):
     x = torch.linspace(-4, 4, 9).unsqueeze(-1)
     with torch.no_grad():
         mixture.score(x)
+
+
+def test_relaxed_reward_reads_the_undecoded_states():
+    """r_hat of the relaxed state and of its softmax; on exact one-hot rows the relaxed value
+    is the decoded one, off the vertices it is not."""
+    from diffusion_rl.evaluation.evaluate import EvalConfig
+    from diffusion_rl.evaluation.metrics import EvalSamples, RelaxedReward
+
+    weights = torch.tensor([[1.0, -1.0, 0.5]])  # a linear "oracle" on [B, L=1, V=3]
+
+    def reward(x):
+        return (x * weights).sum((-2, -1))
+
+    cfg = EvalConfig(num_batches=2, batch_size=2)
+    onehot = torch.eye(3)[[0, 1, 2, 0]].unsqueeze(1)
+    relaxed = onehot * 2.0 - 0.25
+    for states, expected in ((onehot, reward(onehot)), (relaxed, reward(relaxed))):
+        s = EvalSamples(x=states.argmax(-1), kind="tokens", rewards=reward(onehot), kl_terms={}, cfg=cfg,
+                        states=states, reward_fn=reward)
+        got = RelaxedReward("reward_relaxed_mean").batch_values(s)
+        torch.testing.assert_close(got, expected.reshape(2, 2).mean(1))
+    soft = RelaxedReward("reward_softmax_mean", projection="softmax").batch_values(s)
+    torch.testing.assert_close(soft, reward(torch.softmax(relaxed, -1)).reshape(2, 2).mean(1))
+    assert RelaxedReward("r").needs_states
+    with pytest.raises(ValueError, match="projection"):
+        RelaxedReward("r", projection="argmax")

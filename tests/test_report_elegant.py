@@ -151,7 +151,7 @@ def test_seed_aggregation(tmp_path):
     assert agg["kl_div"] == pytest.approx(kmean) and agg["kl_div_ci95"] == pytest.approx(kci, rel=1e-9)
     assert agg["n_seeds"] == 3 and agg["seeds"] == [0, 1, 2]
 
-    text = render_table(cfg)
+    text, _ = render_table(cfg)
     lines = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
     assert f"{mean:.2f} ± {ci:.3f}" in lines["ELEGANT (n=3)"] and f"{kmean:.2f} ± {kci:.3f}" in lines["ELEGANT (n=3)"]
     # one run: as before, its own evaluation CI
@@ -162,6 +162,25 @@ def test_seed_aggregation(tmp_path):
     assert f"{m01:.2f} ± {ci01:.3f}" in lines["ELEGANT matched (target 0.60) (n=3)"]
     assert "Student-t" in text
     assert "## All runs of group elegant" in text  # every seed listed
+
+
+def test_claims_are_checked_against_the_rows_intervals(tmp_path):
+    claims = [
+        {"text": "ELEGANT above pretrained", "left": "ELEGANT", "op": ">", "right": "Pretrained", "metric": "reward_mean"},
+        {"text": "ELEGANT below pretrained", "left": "ELEGANT", "op": "<", "right": "Pretrained", "metric": "reward_mean"},
+        # seed 1 at 0.56 ± 0.01 against the 0.01-cell mean 0.51 ± (t CI over seeds, ~0.11): within the intervals
+        {"text": "seed 1 above the matched cell", "left": "ELEGANT seed 1", "op": ">",
+         "right": "ELEGANT matched", "metric": "reward_mean"},
+        {"text": "diversity above 1", "left": "ELEGANT", "op": ">", "right": 1.0, "metric": "diversity"},
+    ]
+    cfg = base_cfg(tmp_path, elegant_table(claims=claims))
+    elegant_runs(tmp_path / "runs", cfg.table.name)
+    text, records = render_table(cfg)
+    assert [r["verdict"] for r in records] == ["holds", "fails", "not settled", "holds"]
+    assert "## The paper's claims" in text and "| ELEGANT above pretrained |" in text
+    bad = base_cfg(tmp_path, elegant_table(claims=[{**claims[0], "right": "No such row"}]))
+    with pytest.raises(ValueError, match="No such row"):
+        render_table(bad)
 
 
 class TinyTask:

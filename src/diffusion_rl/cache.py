@@ -43,8 +43,12 @@ T = TypeVar("T")
 #: A manual number rather than the git commit or a hash of the source: those change on every
 #: unrelated commit or comment and would refit everything for nothing.
 CODE_VERSION: dict[str, int] = {
-    "pretrain": 1,  # 1: first version under this helper (backbone.pt = the backbone's state_dict)
-    "oracle": 1,  # 1: first version under this helper (oracle.pt state_dict + oracle.json R²)
+    # 1: first version under this helper (backbone.pt = the backbone's state_dict);
+    # 2: initial weights and the fit from the pretraining seed (seeding.seeded_global_rng)
+    "pretrain": 2,
+    # 1: first version under this helper (oracle.pt state_dict + oracle.json R²);
+    # 2: initial weights and the fit from the oracle's seed
+    "oracle": 2,
 }
 
 

@@ -75,12 +75,16 @@ class SequenceTask:
 
 
 class TFBind8Task(SequenceTask):
-    """TFBind8: design-bench's training split (y <= median, 32,898 rows) for the diffusion
-    model and ``r_hat``; ``full`` holds all 4^8 8-mers (the exact lookup's table)."""
+    """TFBind8: ``full`` holds all 4^8 8-mers (the exact lookup's table); ``train``, what the
+    diffusion model is fitted to, is ``rows``: ``median_split`` — design-bench's training
+    split (y <= median, 32,898 rows) — or ``full``, every 8-mer (ELEGANT App. F.1.1: "to
+    construct diffusion models, we use all datasets")."""
 
-    def __init__(self, data_dir: str | Path, length: int = 8, vocab_size: int = 4):
+    def __init__(self, data_dir: str | Path, length: int = 8, vocab_size: int = 4, rows: str = "median_split"):
+        if rows not in ("median_split", "full"):
+            raise ValueError(f"dataset.rows must be median_split or full (got {rows!r})")
         full = load_tfbind8(data_dir)
-        super().__init__(full, tfbind8_train_split(full), length, vocab_size)
+        super().__init__(full, tfbind8_train_split(full) if rows == "median_split" else full, length, vocab_size)
 
 
 class GFPTask(SequenceTask):

@@ -76,16 +76,20 @@ def evaluate(generate: Callable[[int, torch.Generator], Generation], reward, cfg
     nothing to measure in this run (no genuine reward, no ``kl_init`` term) writes neither.
     """
     n = cfg.num_batches * cfg.batch_size
-    samples, kl_terms = [], {}
+    keep_states = any(m.needs_states for m in metrics)
+    samples, states, kl_terms = [], [], {}
     for start in range(0, n, cfg.chunk_size):
         gen = generate(min(cfg.chunk_size, n - start), generator)
         samples.append(gen.states if decode is None else decode(gen.states))
+        if keep_states:
+            states.append(gen.states)
         for name, values in gen.kl_terms.items():
             kl_terms.setdefault(name, []).append(values)
     x = torch.cat(samples)
     per_sample = reward(x)
     batch = EvalSamples(x=x, kind=kind, rewards=per_sample, kl_terms={k: torch.cat(v) for k, v in kl_terms.items()},
-                        cfg=cfg, true_reward=true_reward, data=data, data_generator=data_generator)
+                        cfg=cfg, true_reward=true_reward, data=data, data_generator=data_generator,
+                        states=torch.cat(states) if keep_states else None, reward_fn=reward)
     out = {"n_samples": n}
     for metric in metrics:
         values = metric.batch_values(batch)

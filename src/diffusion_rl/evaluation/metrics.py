@@ -85,6 +85,10 @@ class EvalSamples:
     data: object | None = None
     #: CPU generator of the data-side draws
     data_generator: torch.Generator | None = None
+    #: the final states before decoding ``[N, *E]`` (relaxed one-hot sequences), kept only
+    #: when a metric asks for them (``needs_states``), and the nominal reward that reads them
+    states: Tensor | None = None
+    reward_fn: Callable[[Tensor], Tensor] | None = None
 
     def batch_means(self, values: Tensor) -> Tensor:
         """``[num_batches]`` means of a per-sample quantity ``[N]`` over each batch."""
@@ -104,6 +108,8 @@ class Metric:
     rejects it, before any compute, when ``eval.select`` names it for such a run)."""
 
     kinds: tuple[str, ...] = SAMPLE_KINDS
+    #: whether it reads the undecoded final states (the evaluation keeps them only then)
+    needs_states: bool = False
 
     def __init__(self, name: str):
         self.name = name
@@ -125,6 +131,36 @@ class Reward(Metric):
         if not self.genuine:
             return s.batch_means(s.rewards)
         return None if s.true_reward is None else s.batch_means(s.true_reward(s.x))
+
+
+class RelaxedReward(Metric):
+    """``r_hat`` of the final *state* of a sequence chain, before decoding: the relaxed
+    one-hot point itself (``projection: none``, what reward backpropagation maximises) or its
+    softmax over the vocabulary (``softmax``, a point of the simplex). Beside the decoded
+    ``reward_mean`` it shows how much of a method's gain lives off the one-hot vertices
+    (ELEGANT's "NO KL high in r_hat" is partly this)."""
+
+    kinds = ("tokens",)
+    needs_states = True
+
+    def __init__(self, name: str, projection: str = "none"):
+        super().__init__(name)
+        if projection not in ("none", "softmax"):
+            raise ValueError(f"projection must be none or softmax (got {projection!r})")
+        self.projection = projection
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        if s.states is None or s.reward_fn is None:
+            return None
+        x = s.states
+        if self.projection == "softmax":
+            # in one-hot coordinates (GFP's states are differences from the wild type)
+            offset = getattr(s.data, "state_offset", None)
+            offset = torch.zeros((), device=x.device) if offset is None else offset.to(x.device)
+            x = torch.softmax(x + offset, dim=-1) - offset
+        chunk = s.cfg.chunk_size
+        values = torch.cat([s.reward_fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+        return s.batch_means(values)
 
 
 class KLTerm(Metric):

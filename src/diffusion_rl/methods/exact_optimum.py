@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..core.trajectory import Generation
 from ..evaluation.exact_optimum import all_sequences, empirical_log_p_data, tilted_log_distribution
+from ..seeding import derive_seed
 from .pretrained import Pretrained
 
 
@@ -39,29 +40,41 @@ def rewards_on(reward, tokens: Tensor, chunk: int = 8192) -> Tensor:
                       for i in range(0, tokens.shape[0], chunk)])
 
 
+P_DATA = ("train", "full", "pretrained")
+
+
 class ExactOptimum(Pretrained):
     """Samples of ``p_r ∝ exp(r_hat / kl_weight) p_data`` over every sequence of the task.
 
     Args:
         kl_weight: ELEGANT's ``alpha`` (``0``: all mass on the best sequences of ``p_data``'s support).
-        p_data: ``train`` — the empirical distribution of the training split (what the
-            pretrained model is fitted to) — or ``full``: of the whole table.
+        p_data: what is tilted — ``pretrained``: the decoded law of the pretrained chain,
+            estimated from ``pretrained_samples`` of its samples (the like-for-like comparator
+            of a fine-tuned model: what its KL is measured against is the pretrained chain,
+            not the data); ``train``: the empirical distribution of the training split (what
+            the pretrained model is fitted to); ``full``: of the whole table.
         smoothing: pseudo-count per sequence added to ``p_data`` (off-data mass, see
             :func:`empirical_log_p_data`).
+        pretrained_samples: draws of the pretrained chain for ``p_data: pretrained``.
     """
 
     fine_tunes = False
     sample_kinds = ("tokens",)
 
     def __init__(self, backbone, sampler, reward, *, dataset=None, kl_weight: float, p_data: str = "train",
-                 smoothing: float = 1e-3, **kw):
+                 smoothing: float = 1e-3, pretrained_samples: int = 100_000, **kw):
         super().__init__(backbone, sampler, reward, dataset=dataset, **kw)
-        if p_data not in ("train", "full"):
-            raise ValueError(f"method.p_data must be train or full (got {p_data!r})")
+        if p_data not in P_DATA:
+            raise ValueError(f"method.p_data must be one of {'|'.join(P_DATA)} (got {p_data!r})")
+        if pretrained_samples < 1:
+            raise ValueError(f"method.pretrained_samples must be >= 1 (got {pretrained_samples})")
         if not hasattr(dataset, "train") or not hasattr(dataset, "encode"):
             raise ValueError("method=exact_optimum needs a sequence dataset (an enumerable space of tokens)")
         tokens = all_sequences(dataset.length, dataset.vocab_size)  # ValueError when too many to enumerate
-        rows = dataset.train.tokens if p_data == "train" else dataset.full.tokens
+        if p_data == "pretrained":
+            rows = self._pretrained_draws(int(pretrained_samples))
+        else:
+            rows = dataset.train.tokens if p_data == "train" else dataset.full.tokens
         log_p_data = empirical_log_p_data(rows, tokens, smoothing=float(smoothing))
         r_hat = rewards_on(reward, tokens)
         log_p = tilted_log_distribution(log_p_data, r_hat, float(kl_weight))
@@ -77,6 +90,17 @@ class ExactOptimum(Pretrained):
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("probs", p, persistent=False)
         self.register_buffer("log_ratio", log_ratio, persistent=False)
+
+    @torch.no_grad()
+    def _pretrained_draws(self, n: int, chunk: int = 10_000) -> Tensor:
+        """``[n, L]`` decoded samples of the pretrained chain, from a generator of their own."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "pretrained_law"))
+        draws = []
+        for start in range(0, n, chunk):
+            traj = self.sampler.rollout(self.reference, min(chunk, n - start), generator=generator,
+                                        event_shape=self.backbone.event_shape)
+            draws.append(self.decode(traj.final))
+        return torch.cat(draws)
 
     @torch.no_grad()
     def generate(self, n: int, generator: torch.Generator, cond: Any = None) -> Generation:

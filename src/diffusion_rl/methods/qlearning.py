@@ -13,10 +13,28 @@ Consequences used below (derivations, since the extraction lost the formulas):
   ``q_psi(t, y, a) = -g^2/2 |a - mu_psi(t, y)|^2 - gamma d / 2 log(2 pi gamma / g^2)``.
 * running-reward signal (19): ``r = -g^2/2 |a - s_hat(T - t, y)|^2`` with ``s_hat`` the ratio
   estimator (18) over a fresh batch of data samples.
-* martingale loss (31), discretised on the sampler grid:
-  ``ML = 1/2 sum_k dt (G_k - V_theta(t_k, Y_k))^2`` with
-  ``G_k = beta h(Y_K) + sum_{j >= k} (r_j - q_j) dt``; states and actions are data
-  (detached), and ``V_theta`` and ``q_psi`` are optimised jointly with Adam.
+* the critic and actor updates, ``critic_target`` (both optimise ``V_theta`` and ``q_psi``
+  jointly with Adam; states and actions are data, detached):
+
+  - ``td`` (eqs. 29–30, "an actor–critic policy gradient method based on temporal
+    difference"): the martingale orthogonality conditions with test functions
+    ``dV/dtheta`` and ``dq/dpsi`` — stochastic approximation of
+    ``E[sum_k test_k delta_k] = 0`` with the TD error
+    ``delta_k = V(t_{k+1}, Y_{k+1}) + (r_k - q_k) dt - V(t_k, Y_k)``, ``V(T, .) = beta h``.
+    As a loss: ``1/2 sum_k delta_k^2`` with the next state's value held constant (the
+    semi-gradient), whose gradient is exactly that update;
+  - ``monte_carlo`` (default): the martingale loss (31),
+    ``ML = 1/2 sum_k dt (G_k - V_theta(t_k, Y_k))^2`` with
+    ``G_k = beta h(Y_K) + sum_{j >= k} (r_j - q_j) dt`` — the same fixed point, with the
+    whole future's noise in every target.
+
+  Why TD is not the default: in expectation TD's actor update moves the mean towards
+  ``s_hat + grad_x V`` (the action shifts ``Y_{k+1}`` by ``g^2 a dt``), so the actor follows
+  the *critic's* x-gradient. Here the value spans ~70 over time (the entropy constants of
+  ``r - q``: about ``gamma d / 2 log(2 pi gamma / g^2)`` per unit time) while the reward
+  contributes at most ``beta``; a critic fitted to the first has x-gradients whose error
+  swamps the second, and the policy drifts off the data (measured: conf/method/qlearning_td.yaml).
+  Monte-Carlo returns give the actor the terminal reward itself; the critic is a baseline.
 
 The simulator is whichever sampler is configured (Euler–Maruyama = eq. 33, ODE-Euler and
 DDIM = §7.1): the sampled action enters its transition in place of the score.
@@ -40,8 +58,12 @@ class QLearning(FineTuneMethod):
     sample_kinds = ("vectors",)
 
     def __init__(self, *args, reward_weight: float, temperature: float, delta: float,
-                 data_samples: int = 300, value_lr: float = 1e-3, value_hidden: int = 64, **kw):
+                 data_samples: int = 300, value_lr: float = 1e-3, value_hidden: int = 64,
+                 critic_target: str = "monte_carlo", **kw):
         super().__init__(*args, **kw)
+        if critic_target not in ("td", "monte_carlo"):
+            raise ValueError(f"method.critic_target must be td or monte_carlo (got {critic_target!r})")
+        self.critic_target = critic_target
         if reward_weight < 0:
             raise ValueError(f"method.reward_weight must be >= 0 (got {reward_weight})")
         if temperature <= 0:
@@ -88,9 +110,15 @@ class QLearning(FineTuneMethod):
         rewards = self.score_samples(traj.final)  # [B]
         terminal = self.reward_weight * rewards
         increments = (running - q) * dt
-        to_go = increments.flip(0).cumsum(0).flip(0)  # sum_{j >= k}
-        target = terminal.unsqueeze(0) + to_go
-        loss = 0.5 * ((target - value) ** 2 * dt).sum(0).mean()
+        if self.critic_target == "td":
+            # the semi-gradient: the next state's value is a constant of step k's target
+            next_value = torch.cat([value[1:].detach(), terminal.unsqueeze(0)])
+            td_error = next_value + increments - value
+            loss = 0.5 * (td_error**2).sum(0).mean()
+        else:
+            to_go = increments.flip(0).cumsum(0).flip(0)  # sum_{j >= k}
+            target = terminal.unsqueeze(0) + to_go
+            loss = 0.5 * ((target - value) ** 2 * dt).sum(0).mean()
 
         opt_policy, opt_value = self.optimizers()
         opt_policy.zero_grad(set_to_none=True)
@@ -98,5 +126,5 @@ class QLearning(FineTuneMethod):
         self.manual_backward(loss)
         opt_policy.step()
         opt_value.step()
-        return {"martingale_loss": loss, "reward": rewards.mean(), "kl_path": traj.path_kl().mean(),
+        return {"critic_loss": loss, "reward": rewards.mean(), "kl_path": traj.path_kl().mean(),
                 "running_reward": (running * dt).sum(0).mean()}

@@ -12,10 +12,12 @@ interval over seeds and labelled ``(n=<seeds>)``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .claims import check_claims, render_claims
 from .experiments import Run, active_groups, aggregate_seeds, collect_runs, fmt, select_runs
 
 
@@ -39,6 +41,7 @@ def render_table(cfg: DictConfig) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     cache: dict[str, list[Run]] = {}
     missing, seeded = [], False
+    row_metrics: dict[str, dict] = {}
     for row in table.rows:
         runs = select_runs(cfg, _runs(cfg, cache, row.group), row)
         label = row.label + (f" (target {row.target_reward:.2f})" if row.get("target_reward") is not None else "")
@@ -47,22 +50,26 @@ def render_table(cfg: DictConfig) -> str:
             cells = ["—"] * (len(shows) + len(cols))
         else:
             metrics = aggregate_seeds(runs)
+            row_metrics[row.label] = metrics
             if len(runs) > 1:
                 label += f" (n={len(runs)})"
                 seeded = True
             cells = [_show(OmegaConf.select(runs[0].config, k)) for k in shows] + [fmt(metrics, k) for k, _ in cols]
+        row_metrics.setdefault(row.label, {})
         paper = [str((row.get("paper") or {}).get(c, "—")) for c in paper_cols]
         lines.append("| " + " | ".join([label, *cells, *paper]) + " |")
     lines += ["", *([f"Missing runs: {', '.join(missing)}", ""] if missing else [])]
     if seeded:
         lines += ["Rows marked (n=k): mean over k seeds ± the 95% Student-t interval over seeds (k − 1 degrees "
                   "of freedom); other rows: one run ± the 95% interval over its evaluation batches.", ""]
+    claims = check_claims(table, row_metrics)
+    lines += render_claims(claims)
     if table.get("curves") is not None:
         lines += [f"![curves]({table.name}_curves.png)", ""]
     lines += calibration_section(cfg, cache)
     if table.get("notes"):
         lines += ["## Notes", "", table.notes.strip(), ""]
-    return "\n".join(lines)
+    return "\n".join(lines), claims
 
 
 CALIBRATION_COLUMNS = {"reward_mean": "reward", "kl_data": "KL(data)", "kl_path": "path KL"}
@@ -95,5 +102,7 @@ def write_report(cfg: DictConfig) -> Path:
         from .curves import write_curves  # matplotlib only when needed
 
         write_curves(cfg)
-    out.write_text(render_table(cfg))
+    text, claims = render_table(cfg)
+    out.write_text(text)
+    (out.parent / f"{cfg.table.name}.claims.json").write_text(json.dumps(claims, indent=2))
     return out
