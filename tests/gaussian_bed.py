@@ -95,3 +95,16 @@ def train(method, iterations: int) -> None:
 
 def prior_var(T: float) -> float:
     return 1 - math.exp(-2 * T)
+
+
+class DetachedReference(nn.Module):
+    """Negative control: the exact pretrained score evaluated under ``no_grad`` (the audit's
+    bug: the reference's dependence on the visited state is lost)."""
+
+    def __init__(self, times: Tensor):
+        super().__init__()
+        self.score = AffineStepScore(times).requires_grad_(False)
+
+    def forward(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
+        with torch.no_grad():
+            return self.score(x, s, cond)

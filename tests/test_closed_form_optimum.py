@@ -101,17 +101,7 @@ def test_dpok_reaches_the_myopic_equilibrium():
 def test_a_no_grad_reference_misses_the_optimum():
     """Negative control: reward backprop with the audit's no_grad reference converges elsewhere."""
     sam = bed.sampler(K, T)
-
-    class DetachedReference(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.score = bed.AffineStepScore(sam.times).requires_grad_(False)
-
-        def forward(self, x, s, cond=None):
-            with torch.no_grad():
-                return self.score(x, s, cond)
-
-    got = learned_terminal(RewardBackprop, 600, reference=DetachedReference(), grad_window={"kind": "all"})
+    got = learned_terminal(RewardBackprop, 600, reference=bed.DetachedReference(sam.times), grad_window={"kind": "all"})
     optimum = target(fixed_variance_optimum)
     assert abs(got[0] - optimum[0]) > 3 * MEAN_TOL or abs(got[1] - optimum[1]) > 3 * VAR_TOL, (got, optimum)
 

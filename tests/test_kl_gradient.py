@@ -54,19 +54,10 @@ def test_reward_backprop_with_a_no_grad_reference_is_biased(monkeypatch):
     """Negative control: the audit's bug (reference output under no_grad inside the window)."""
     sam = bed.sampler(K, T)
 
-    class DetachedReference(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.score = bed.AffineStepScore(sam.times).requires_grad_(False)
-
-        def forward(self, x, s, cond=None):
-            with torch.no_grad():
-                return self.score(x, s, cond)
-
     grads, exact = sampled_gradients(RewardBackprop, grad_window={"kind": "all"})
     method = RewardBackprop(bed.perturbed_backbone(sam), sam, bed.reward(), iterations=1, batch_size=BATCH, lr=1.0,
                             reward_weight=0.0, kl_weight=1.0, grad_window={"kind": "all"})
-    method.reference = DetachedReference()
+    method.reference = bed.DetachedReference(sam.times)
     biased = torch.stack([bed.sgd_update(method) for _ in range(REPEATS)])
     assert_biased(biased, exact)
 
