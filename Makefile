@@ -58,8 +58,9 @@ all: $(TABLES)  ## Every CPU table and figure (finished runs are reused), then t
 elegant_lr_sweep: setup  ## The lr x batch sweep behind the TFBind8 fine-tuning budget (ELEGANT, alpha = 0.05)
 	$(TABLE) $@
 
-report: setup  ## Rebuild every report from the finished runs, without running anything
+report: setup  ## Rebuild every report from the finished runs, without running anything, and outputs/report/index.html
 	for t in $(TABLES); do $(TABLE) $$t --report-only > /dev/null && echo "outputs/report/$$t"; done
+	$(PY) scripts/make_report.py
 
 readme: report  ## Rewrite the README's results section from the reports (scripts/readme_results.py)
 	$(PY) scripts/readme_results.py

@@ -1,11 +1,14 @@
 """Regenerate one paper table or figure: ``python scripts/make_table.py <experiment> [override ...]``.
 
 Runs every group of ``conf/experiment/<experiment>.yaml`` as a Hydra multirun (finished
-runs are reused), then writes ``outputs/report/<experiment>.md`` (and PNGs for figures)
-and prints the report. ``--report-only`` skips the runs.
+runs of the same config are reused; a failing job stops nothing), then writes ``outputs/report/<experiment>.md`` (and PNGs for figures)
+and prints the report; exits 1 when a job failed. ``--report-only`` skips the runs.
 """
 
 import argparse
+import sys
+
+from hydra.errors import HydraException
 
 from diffusion_rl.report.experiments import load_experiment, run_groups
 from diffusion_rl.report.figures import write_figure
@@ -17,8 +20,15 @@ parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to eve
 parser.add_argument("--report-only", action="store_true")
 args = parser.parse_intermixed_args()  # options may sit between the overrides
 
-cfg = load_experiment(args.experiment, args.overrides)
-if not args.report_only:
-    run_groups(cfg, args.overrides)
+try:
+    cfg = load_experiment(args.experiment, args.overrides)
+except HydraException as err:  # a bad override or an unknown experiment: one line, before any run
+    print(f"error: {' '.join([args.experiment, *args.overrides])}: {str(err).splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+failed = [] if args.report_only else run_groups(cfg, args.overrides)
+# the report is written whatever failed: it marks and lists the cells it lacks
 path = write_figure(cfg) if cfg.table.get("figure") else write_report(cfg)
 print(path.read_text() if path.suffix == ".md" else f"wrote {path}")
+if failed:
+    sys.exit(f"{cfg.table.name}: jobs failed in group(s) {', '.join(failed)} (errors above); "
+             f"the report {path} lists the missing cells")

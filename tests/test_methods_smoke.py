@@ -95,7 +95,7 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, name):
     assert samples.shape == (N_SAMPLES, dim) and samples.dtype == np.float32
     assert np.isfinite(samples).all()
 
-    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     reference = {k[len("reference."):]: v for k, v in state.items() if k.startswith("reference.")}
@@ -142,7 +142,7 @@ def test_same_pretrained_backbone_for_every_swiss_roll_run(smoke_runs):
     for name, (proc, run_dir) in runs.items():
         if "gmm1d" in name or name in BACKPROP or "bridge" in name:
             continue
-        state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
         refs.append({k: v for k, v in state.items() if k.startswith("reference.")})
     for other in refs[1:]:
         assert all(torch.equal(other[k], refs[0][k]) for k in refs[0])

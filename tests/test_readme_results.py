@@ -34,3 +34,16 @@ def test_the_readme_has_the_markers():
     text = (REPO_ROOT / "README.md").read_text()
     script = load_script()
     assert text.count(script.BEGIN) == 1 and text.count(script.END) == 1
+
+
+def test_a_table_without_a_report_keeps_its_previous_section_marked(tmp_path):
+    script = load_script()
+    earlier = script.render(tmp_path)  # nothing yet: everything "not run"
+    (tmp_path / "elegant_table3.md").write_text("# ELEGANT Table 3 — fake\n\n| Row | r |\n|---|---|\n| X | 1 |\n")
+    earlier = script.render(tmp_path)
+    (tmp_path / "elegant_table3.md").unlink()
+    body = script.render(tmp_path, script.previous_sections(earlier))
+    assert "| X | 1 |" in body and script.KEPT_PREFIX in body
+    again = script.render(tmp_path, script.previous_sections(body))  # the mark is not repeated
+    assert again.count(script.KEPT_PREFIX) == 1
+    assert "elegant_table3" not in body.split("Not run on this checkout:")[-1]

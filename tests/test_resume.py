@@ -14,7 +14,7 @@ COMMON = ["debug=smoke", "method=dpok", "method.iterations_per_epoch=2", "seed=3
 
 
 def load_state(run_dir):
-    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

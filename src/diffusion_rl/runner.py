@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -25,16 +26,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import run_folder
 from .cache import cached
+from .dashboard import build_loggers, record_final
+from .checkpointing import CHECKPOINT_NAME, EpochCheckpoint, check_checkpoint, checkpoint_step
 from .evaluation.evaluate import EvalConfig, build_metrics, evaluate, sample_kind
 from .evaluation.samples import write_samples
+from .logs import ProgressLines, interactive, quiet_libraries
 from .seeding import derive_seed, seeded_global_rng
+from .methods.base import DivergenceError
+from .validation import class_flags
 
 log = logging.getLogger(__name__)
 
 
 #: Trainer arguments the runner sets per stage; conf/trainer/ must leave them out.
 RUNNER_TRAINER_KEYS = ("max_epochs", "logger", "callbacks", "enable_checkpointing", "default_root_dir")
+# (enable_progress_bar stays a trainer key: the runner shows the bar only on a terminal)
 #: Trainer settings that change what a fit computes (not only how it is shown or logged):
 #: part of the pretraining cache key, so e.g. a bf16 backbone never stands in for a float32 one.
 FIT_TRAINER_KEYS = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
@@ -56,14 +64,18 @@ def check_trainer(cfg: DictConfig) -> None:
             raise ValueError(f"trainer.{key} is not an argument of {cfg.trainer._target_}")
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, epochs: int, loggers: list, checkpoint: bool) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, epochs: int, loggers: list, checkpoint: bool,
+                  stage: str = "fit") -> L.Trainer:
     """``cfg.trainer`` (conf/trainer/) instantiated, plus what differs between stages."""
-    callbacks = []
-    if checkpoint:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, save_last=True, save_top_k=0,
-                                                             every_n_epochs=1, enable_version_counter=False))
+    quiet_libraries()
+    # our own epoch-end checkpoint (checkpointing.py) instead of Lightning's ModelCheckpoint,
+    # which with save_top_k=0 writes last.ckpt only when training ends (a killed run lost all)
+    callbacks = [EpochCheckpoint(run_dir / CHECKPOINT_NAME)] if checkpoint else []
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and interactive()
+    if not bar:  # a log file or a table's job: a few progress lines instead of a bar
+        callbacks.append(ProgressLines(stage))
     return instantiate(cfg.trainer, max_epochs=epochs, logger=loggers or False, callbacks=callbacks,
-                       enable_checkpointing=checkpoint, default_root_dir=run_dir)
+                       enable_checkpointing=False, default_root_dir=run_dir, enable_progress_bar=bar)
 
 
 def pretrain_config(cfg: DictConfig) -> dict:
@@ -99,7 +111,7 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
                  module.iterations, module.batch_size, module.epochs, folder)
         loggers = [L.pytorch.loggers.CSVLogger(folder, name="", version="")]
         with seeded_global_rng(init_seed, "pretrain"):
-            build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False).fit(module)
+            build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False, stage="pretraining").fit(module)
         torch.save(backbone.state_dict(), folder / "backbone.pt")
 
     def load(folder: Path):
@@ -136,23 +148,11 @@ def build_true_reward(cfg: DictConfig):
         return instantiate(cfg.true_reward)
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    loggers = []
-    for name, spec in (cfg.logger or {}).items():
-        if spec is None:
-            continue
-        kw = {"save_dir": str(run_dir)}
-        if name == "wandb":
-            online = os.environ.get("WANDB_MODE") == "online" or bool(os.environ.get("WANDB_API_KEY"))
-            kw["offline"] = not online
-        loggers.append(instantiate(spec, **kw))
-    return loggers
-
-
-def _prepend_csv(earlier: Path, curves: Path) -> None:
-    """Curves of a resumed run: the rows logged before the interruption, then the new ones."""
+def _prepend_csv(earlier: Path, curves: Path, resumed_at: int) -> None:
+    """Curves of a resumed run: the rows logged before the step it resumed at (a killed
+    run may have logged past its checkpoint: those steps were run again), then the new ones."""
     with earlier.open() as f:
-        old = list(csv.DictReader(f))
+        old = [row for row in csv.DictReader(f) if not row.get("step") or float(row["step"]) < resumed_at]
     new = []
     if curves.exists():
         with curves.open() as f:
@@ -169,10 +169,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Everything after validation. Returns the final metrics."""
     start = time.time()
     check_trainer(cfg)
-    done = run_dir / "metrics.json"
-    if cfg.get("skip_completed") and done.exists():
+    # first of all: is the folder this run's? (refused: one line, nothing touched)
+    extendable = class_flags(cfg.method, ("extendable",)).get("extendable", True)
+    claim = run_folder.claim(cfg, run_dir, extendable)
+    log.info("run folder: %s", run_dir)
+    done, last = run_dir / "metrics.json", run_dir / CHECKPOINT_NAME
+    if cfg.get("skip_completed") and claim.finished and claim.kind == "same":
         log.info("already finished: %s", done)
         return json.loads(done.read_text())
+    if last.exists():
+        if claim.kind == "new":  # a checkpoint without the config.yaml that says whose it is
+            raise run_folder.RunFolderError(f"{run_dir} holds a {CHECKPOINT_NAME} but no config.yaml, so whose run "
+                                            "it is cannot be checked: give another hydra.run.dir, or delete the folder")
+        check_checkpoint(last)
     dataset = instantiate(cfg.dataset)  # cheap constructors first: their range checks fail before any write
     true_reward = build_true_reward(cfg)
     process = instantiate(cfg.process)
@@ -187,6 +196,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset,
                              seed=cfg.seed, true_reward=true_reward)
     run_dir.mkdir(parents=True, exist_ok=True)  # every constructor has checked its input by now
+    if claim.kind == "extension":
+        run_folder.begin_extension(run_dir, int(OmegaConf.load(run_dir / "config.yaml").method.iterations))
     OmegaConf.save(cfg, run_dir / "config.yaml")
 
     log.info("method %s | sampler %s, %d steps (dt=%.4g) | batch %d | %d iterations = %d epochs x %d | "
@@ -195,22 +206,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
              method.iterations, method.epochs, method.iterations_per_epoch, method.grad_window.kind,
              method.grad_window.k, method.iterations * method.batch_size)
 
-    last = run_dir / "last.ckpt"
     if method.iterations > 0:
         curves, earlier = run_dir / "metrics.csv", run_dir / "metrics.before_resume.csv"
+        resumed_at = checkpoint_step(last) if last.exists() else 0
         if last.exists():
-            log.info("resuming from %s", last)
+            log.info("resuming from %s (step %d)", last, resumed_at)
             if curves.exists():  # Lightning's CSV logger deletes an existing metrics.csv
                 os.replace(curves, earlier)
-        trainer = build_trainer(cfg, run_dir, method.epochs, build_loggers(cfg, run_dir), checkpoint=True)
+        loggers = build_loggers(cfg, run_dir)
+        trainer = build_trainer(cfg, run_dir, method.epochs, loggers, checkpoint=True, stage="fine-tuning")
         with seeded_global_rng(cfg.seed, "finetune"):  # methods draw from their own generators; this covers the rest
-            trainer.fit(method, ckpt_path=str(last) if last.exists() else None)
+            trainer.fit(method, ckpt_path=str(last) if last.exists() else None, weights_only=True)
         if not trainer.is_global_zero:  # under DDP, rank 0 alone evaluates and writes
             return {}
         if earlier.exists():
-            _prepend_csv(earlier, curves)
+            _prepend_csv(earlier, curves, resumed_at)
         device = trainer.strategy.root_device
     else:
+        loggers = build_loggers(cfg, run_dir)  # no curves: the dashboards get the final numbers only
         # the device a fit would use (Pretrained rows evaluate where the others do); nothing is fitted
         device = build_trainer(cfg, run_dir, 0, [], checkpoint=False).strategy.root_device
         torch.save({"state_dict": method.state_dict()}, last)
@@ -235,9 +248,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["overrides"] = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics
         metrics[key] = OmegaConf.select(cfg, key)
+    check_finite(metrics, "the final evaluation")  # before anything of the evaluation is written
+    record_final(loggers, cfg, metrics)  # TensorBoard's HPARAMS tab, W&B's config and summary
     write_samples(run_dir, samples, rewards, kind, eval_cfg.saved_images)
     # timing apart from the numbers: the same command gives a byte-identical metrics.json
     (run_dir / "timing.json").write_text(json.dumps({"wall_seconds": time.time() - start}))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # last: marks the run finished
+    # last: marks the run finished; allow_nan=False: strict JSON, whatever slipped through
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     log.info("metrics: %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
+    log.info("finished: %s", run_dir)
     return metrics
+
+
+def check_finite(metrics: dict, where: str) -> None:
+    """Divergence is an error, not a result: a non-finite number stops the run (one line)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise DivergenceError(f"the run diverged: {', '.join(f'{k} = {metrics[k]}' for k in bad)} in {where}; "
+                              "nothing was written to metrics.json (lower method.lr, or clip with method.max_grad_norm)")

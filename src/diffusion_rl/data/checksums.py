@@ -40,6 +40,9 @@ def read_sha256sums(folder: Path) -> dict[str, str]:
     (``<hex> *<name>``).
     """
     sums_path = Path(folder) / "SHA256SUMS"
+    if not Path(folder).is_dir():  # no folder at all, hence no PROVENANCE.md to point at either
+        raise DataFileError(f"{folder}: no such data folder; check the data folder setting (paths.data_dir, "
+                            "or DIFFUSION_RL_DATA_DIR)")
     if not sums_path.is_file():
         raise DataFileError(
             f"{sums_path}: missing checksum list; restore the folder as described in "
@@ -56,7 +59,9 @@ def read_sha256sums(folder: Path) -> dict[str, str]:
 
 
 def _provenance_hint(folder: Path) -> str:
-    return str(folder / "PROVENANCE.md")
+    provenance = folder / "PROVENANCE.md"
+    # never point at a file that is not there
+    return str(provenance) if provenance.is_file() else f"shared/data/README.md ({folder} has no PROVENANCE.md)"
 
 
 def _cache_key(path: Path) -> tuple[str, int, int]:

@@ -10,6 +10,7 @@ from hydra.utils import get_class, instantiate
 from torch import Tensor
 
 from ..core.trajectory import Generation
+from ..logs import Progress
 from .metrics import SAMPLE_KINDS, EvalSamples, Metric, ci_key, mean_ci95
 
 
@@ -78,8 +79,11 @@ def evaluate(generate: Callable[[int, torch.Generator], Generation], reward, cfg
     n = cfg.num_batches * cfg.batch_size
     keep_states = any(m.needs_states for m in metrics)
     samples, states, kl_terms = [], [], {}
-    for start in range(0, n, cfg.chunk_size):
+    chunks = range(0, n, cfg.chunk_size)
+    progress = Progress("evaluation", len(chunks) + len(metrics))
+    for start in chunks:
         gen = generate(min(cfg.chunk_size, n - start), generator)
+        progress.step(f"{min(start + cfg.chunk_size, n)}/{n} samples")
         samples.append(gen.states if decode is None else decode(gen.states))
         if keep_states:
             states.append(gen.states)
@@ -95,4 +99,6 @@ def evaluate(generate: Callable[[int, torch.Generator], Generation], reward, cfg
         values = metric.batch_values(batch)
         if values is not None:
             out[metric.name], out[ci_key(metric.name)] = mean_ci95(values)
+        progress.step(metric.name)
+    progress.close()
     return out, x, per_sample

@@ -10,6 +10,7 @@ actor and critic).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,10 @@ from ..core.trajectory import Generation, Trajectory
 from ..evaluation.diversity import mean_pairwise_levenshtein
 from ..rewards.base import Reward
 from ..seeding import derive_seed
+
+
+class DivergenceError(ValueError):
+    """A non-finite loss or metric: the run stops (a number of a diverged run is no result)."""
 
 
 class _Iterations(torch.utils.data.Dataset):
@@ -50,6 +55,9 @@ class FineTuneMethod(L.LightningModule):
     needs_stochastic_sampler: bool = False
     #: the datasets' ``sample_kind`` the method can fine-tune on
     sample_kinds: tuple[str, ...] = ("vectors", "tokens")
+    #: whether a finished run may be continued with more ``iterations`` (run_folder.py); False
+    #: where stages are shares of the budget (ELEGANT), which more iterations would move
+    extendable: bool = True
 
     def __init__(self, backbone: Backbone, sampler: Sampler, reward: Reward, *, iterations: int,
                  batch_size: int, lr: float, seed: int = 0, iterations_per_epoch: int = 50,
@@ -114,10 +122,15 @@ class FineTuneMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_state"] = self.generator.get_state()
         checkpoint["data_generator_state"] = self.data_generator.get_state()
+        # the global stream too (the run's fork of it, runner.py): whatever draws from it
+        # (dropout, a library) continues as in an uninterrupted run
+        checkpoint["global_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_states = {k: checkpoint.get(k) for k in ("generator_state", "data_generator_state")}
         self._generator = self._data_generator = None
+        if checkpoint.get("global_rng_state") is not None:
+            torch.set_rng_state(checkpoint["global_rng_state"])
 
     # --- what subclasses use -----------------------------------------------------------
     @property
@@ -206,5 +219,12 @@ class FineTuneMethod(L.LightningModule):
         logs = self.update()
         if self._last_final is not None:
             logs.update(self.sample_stats(self._last_final))
+        logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+        diverged = [k for k, v in logs.items() if not math.isfinite(v)]
+        if diverged:
+            raise DivergenceError(
+                f"the run diverged at iteration {batch_idx + 1 + self.current_epoch * self.iterations_per_epoch}: "
+                + ", ".join(f"{k} = {float(logs[k])}" for k in diverged)
+                + " (lower method.lr, or clip with method.max_grad_norm); no metrics.json was written")
         self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, on_epoch=False,
                       prog_bar=False, batch_size=self.batch_size)

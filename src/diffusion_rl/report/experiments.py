@@ -5,7 +5,10 @@ overlays, a ``table:`` block:
 
 * ``groups``: name → ``overrides`` (list) and optional ``sweep`` (key → list of values).
   Each group is one ``diffusion-rl -m`` multirun into ``<runs_dir>/<table>/<group>/``.
-  Finished runs are skipped (``skip_completed``) and killed ones resume from ``last.ckpt``.
+  Finished runs are reused (``skip_completed``) when their recorded config equals the one the
+  table asks for now; a changed cell is run anew, its old run moved to ``.replaced/``
+  (``replace_changed``, run_folder.py); killed runs resume from ``last.ckpt``. A failing job
+  stops neither its group nor the table: the report lists the cells it lacks.
 * ``rows``: ``label``, ``group``, optional ``where`` (overrides the run must have been
   launched with, e.g. ``{method.kl_weight: 0.05}``) and ``target_reward`` (of the cells left,
   the one whose mean reward is closest — the calibration of the q-learning paper §6.4), and
@@ -74,20 +77,36 @@ def group_command(cfg: DictConfig, group: str, extra: list[str] = ()) -> list[st
     # a group sweeping ``seed`` names its seeds itself; otherwise every run uses the table's seed
     seed = [] if "seed" in sweeps else [f"seed={cfg.seed}"]
     return [sys.executable, "-m", "diffusion_rl", "-m", f"experiment={cfg.table.name}", *(spec.get("overrides") or []),
-            *sweep, *extra, *seed, "skip_completed=true",
+            *sweep, *extra, *seed, "skip_completed=true", "replace_changed=true",
             # runs of a sweep side by side, one per core (each uses one torch thread)
             "hydra/launcher=joblib", f"hydra.launcher.n_jobs={cfg.table.get('parallel_jobs', 2)}",
             f"hydra.sweep.dir={runs_folder(cfg) / group}",
             "hydra.sweep.subdir=${hydra.job.override_dirname}",
             "hydra.job.config.override_dirname.exclude_keys="
-            "[experiment,method,sampler,skip_completed,paths.runs_dir,paths.cache_dir,paths.report_dir]"]
+            # where files live is no part of a run's name (an absolute data path would be)
+            "[experiment,method,sampler,skip_completed,replace_changed,"
+            "paths.runs_dir,paths.cache_dir,paths.report_dir,paths.data_dir]"]
 
 
-def run_groups(cfg: DictConfig, extra: list[str] = ()) -> None:
+def run_groups(cfg: DictConfig, extra: list[str] = ()) -> list[str]:
+    """Every group's multirun, one after the other; returns the groups with a failed job
+    (the others still run: a table is reported with whatever finished)."""
+    failed = []
     for group in active_groups(cfg):
         cmd = group_command(cfg, group, extra)
         print(f"[{cfg.table.name}] {group}: {' '.join(cmd[2:])}", flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+        if subprocess.run(cmd, env=os.environ).returncode != 0:
+            print(f"[{cfg.table.name}] {group}: a job failed (its error above); going on with the other groups",
+                  file=sys.stderr, flush=True)
+            failed.append(group)
+    return failed
+
+
+def group_seeds(cfg: DictConfig, group: str) -> list:
+    """The seeds every cell of ``group`` is defined to have (its ``sweep.seed``, else the table's)."""
+    spec = _group_spec(cfg, group)
+    seeds = (spec.get("sweep") or {}).get("seed") if spec is not None else None
+    return list(seeds) if seeds is not None else [cfg.seed]
 
 
 @dataclass

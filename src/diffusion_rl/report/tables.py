@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .claims import check_claims, render_claims
-from .experiments import Run, active_groups, aggregate_seeds, collect_runs, fmt, select_runs
+from .experiments import Run, active_groups, aggregate_seeds, collect_runs, fmt, group_seeds, select_runs
 
 
 def _show(value) -> str:
@@ -45,8 +45,16 @@ def render_table(cfg: DictConfig) -> str:
     for row in table.rows:
         runs = select_runs(cfg, _runs(cfg, cache, row.group), row)
         label = row.label + (f" (target {row.target_reward:.2f})" if row.get("target_reward") is not None else "")
+        where = row.get("where") or {}
+        # the seeds the row stands for: its group's, or the one its `where` picks
+        wanted = [where["seed"]] if "seed" in where else group_seeds(cfg, row.group)
+        absent = [s for s in wanted if s not in {r.seed for r in runs}]
         if not runs:
-            missing.append(row.label)
+            missing.append(f"{row.label} (no run)")
+            cells = ["—"] * (len(shows) + len(cols))
+        elif absent:  # never a mean over fewer seeds than the group defines, unmarked
+            missing.append(f"{row.label} (seed {', '.join(map(str, absent))} of {', '.join(map(str, wanted))} missing)")
+            label += " (incomplete)"
             cells = ["—"] * (len(shows) + len(cols))
         else:
             metrics = aggregate_seeds(runs)
@@ -58,7 +66,8 @@ def render_table(cfg: DictConfig) -> str:
         row_metrics.setdefault(row.label, {})
         paper = [str((row.get("paper") or {}).get(c, "—")) for c in paper_cols]
         lines.append("| " + " | ".join([label, *cells, *paper]) + " |")
-    lines += ["", *([f"Missing runs: {', '.join(missing)}", ""] if missing else [])]
+    lines += ["", *([f"**Missing cells** (a failed or unfinished job; rerun the table to fill them): "
+                     f"{'; '.join(missing)}", ""] if missing else [])]
     if seeded:
         lines += ["Rows marked (n=k): mean over k seeds ± the 95% Student-t interval over seeds (k − 1 degrees "
                   "of freedom); other rows: one run ± the 95% interval over its evaluation batches.", ""]

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..cache import cached
 from ..data.sequences import SequenceData, one_hot
 from ..data.tfbind8 import TFBind8ExactLookup
+from ..logs import ProgressLines
 from ..nets import mlp
 from .base import Reward
 
@@ -265,7 +266,8 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
         log.info("fitting oracle on %s (%d rows x %.2f, %d epochs)", data.name, len(data), train_fraction, epochs)
         L.Trainer(max_epochs=epochs, logger=L.pytorch.loggers.CSVLogger(folder, name="", version=""),
                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                  num_sanity_val_steps=0, accelerator="cpu", devices=1).fit(module)
+                  num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                  callbacks=[ProgressLines("oracle fitting")]).fit(module)
         r2 = {"heldout_r2": module.heldout_r2(), **settings}
         # how well r_hat ranks what the pretrained model generates (its training split)
         r2["train_split_r2"] = r2_score(module.net, dataset.train.tokens, target(dataset.train.y), dataset.vocab_size)
