@@ -595,4 +595,5 @@ def check_compatibility(cfg: DictConfig, choices=None) -> None:
         raise ConfigError(f"{name('method')} backpropagates through the reward, but {name('reward')} is not differentiable")
     if method.get("needs_stochastic_sampler") and class_flags(cfg.sampler, ("stochastic",)).get("stochastic") is False:
         raise ConfigError(f"{name('method')} needs the log-probabilities of a stochastic sampler, but {name('sampler')} "
-                          "is deterministic with these settings")
+                          "is deterministic with these settings (pick a stochastic one: sampler=euler_maruyama, or "
+                          "sampler=ddim sampler.eta=1.0)")
