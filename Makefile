@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 TABLE := $(PY) scripts/make_table.py
 
 TABLES := qlearning_table3 qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3 \
-          elegant_table1 elegant_table2 elegant_table3 elegant_fig2
+          elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian
 
 .PHONY: help setup test demo all report readme dashboard bench clean elegant_lr_sweep $(TABLES)
 
@@ -50,6 +50,9 @@ elegant_table2: setup  ## ELEGANT Table 2: GFP proxy, same methods, reduced CPU 
 elegant_table3: setup  ## ELEGANT Table 3: TFBind8 r_hat vs genuine r, 6 methods x 3 seeds (shares Table 1's runs)
 	$(TABLE) $@
 elegant_fig2: setup  ## ELEGANT Figure 2: r_hat histograms of ELEGANT for alpha in {0.005 .. 0.1} + pretrained (PNG)
+	$(TABLE) $@
+
+exact_gaussian: setup  ## The exact-answer bench: every method on the 1-D Gaussian against its closed-form target
 	$(TABLE) $@
 
 all: $(TABLES)  ## Every CPU table and figure (finished runs are reused), then the README's results section

@@ -11,30 +11,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from diffusion_rl.backbones.base import Backbone
+from diffusion_rl.backbones.affine import AffineStepScore  # noqa: F401 (the bed's policy class)
 from diffusion_rl.core.processes import OUProcess
 from diffusion_rl.core.samplers import EulerMaruyama
 from diffusion_rl.evaluation.linear_gaussian import LinearGaussianChain, affine_means, chain_of
 from diffusion_rl.rewards.base import QuadraticTarget
 
 LAM, TARGET = 1.0, 2.0  # r(x) = -LAM (x - TARGET)^2
-
-
-class AffineStepScore(Backbone):
-    """``score_k(x) = a_k x + b_k`` on a fixed time grid (``a = -1, b = 0``: the exact score of
-    N(0, 1) data under the stationary OU process)."""
-
-    def __init__(self, times: Tensor, slopes: Tensor | None = None, intercepts: Tensor | None = None):
-        super().__init__()
-        K = times.numel() - 1
-        self.event_shape = (1,)
-        self.register_buffer("grid", times[:-1].clone())
-        self.a = nn.Parameter(torch.full((K,), -1.0) if slopes is None else slopes.clone().float())
-        self.b = nn.Parameter(torch.zeros(K) if intercepts is None else intercepts.clone().float())
-
-    def forward(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
-        k = (s.reshape(-1, 1).to(self.grid.dtype) - self.grid).abs().argmin(1)
-        return self.a[k].unsqueeze(-1) * x + self.b[k].unsqueeze(-1)
 
 
 def sampler(K: int, T: float) -> EulerMaruyama:

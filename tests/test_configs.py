@@ -42,6 +42,8 @@ PRESETS = {
     "tfbind8": {"reward": "tfbind8_oracle", "true_reward": "tfbind8_exact", "process": "vp",
                 "backbone": "sequence_transformer"},
     "gfp": {"reward": "gfp_oracle", "true_reward": "gfp_proxy_oracle", "process": "vp", "backbone": "sequence_transformer"},
+    "gaussian1d": {"reward": "quadratic_two", "true_reward": None, "process": "ou", "backbone": "affine_step",
+                   "pretrain": None},
 }
 
 
@@ -124,6 +126,8 @@ def test_a_dataset_brings_its_companions(dataset, extra):
     # the MLP's width and the transformer's shape follow the dataset
     if chosen["backbone"] == "mlp":
         assert cfg.backbone.dim == cfg.dataset.dim
+    elif chosen["backbone"] == "affine_step":  # one affine score per step of the sampler's grid
+        assert cfg.backbone.num_steps == cfg.sampler.num_steps and cfg.dataset.dim == 1
     else:
         assert (cfg.backbone.length, cfg.backbone.vocab_size) == (cfg.dataset.length, cfg.dataset.vocab_size)
 
@@ -176,13 +180,24 @@ def test_statically_read_flags_of_datasets_rewards_and_samplers_equal_the_object
         assert class_flags(cfg.sampler, ("stochastic",)) == {"stochastic": sampler.stochastic}, (option, extra)
 
 
+#: value-weighted sampling's variants; those whose value is differentiated through the reward
+VALUE_WEIGHTED = {m for m in METHODS if m.startswith("value_weighted")}
+VALUE_WEIGHTED_GRADIENT = {m for m in VALUE_WEIGHTED if "tweedie" in m}
+
+
 def test_flags_say_what_the_methods_need():
     flags = {m: class_flags(compose_config([f"method={m}"]).method, METHOD_FLAGS) for m in METHODS}
-    assert {m for m, f in flags.items() if not f["fine_tunes"]} == {"pretrained", "guidance", "exact_optimum"}
+    inference_time = {"smc", "smc_twisted", "svdd", "svdd_argmax", "svdd_mc"} | VALUE_WEIGHTED
+    assert {m for m, f in flags.items() if not f["fine_tunes"]} == \
+        {"pretrained", "guidance", "exact_optimum", "gaussian_target"} | inference_time
     assert {m for m, f in flags.items() if f["needs_differentiable_reward"]} == \
-        {"reward_backprop", "nokl", "truncation", "random_k", "elegant"}
-    assert {m for m, f in flags.items() if f["needs_stochastic_sampler"]} == {"ddpo", "dpok", "ppo_kl", "ppo_kl_log_ratio"}
-    assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == {"qlearning", "qlearning_td"}
+        {"reward_backprop", "nokl", "truncation", "random_k", "elegant", "ctrl", "smc_twisted"} | VALUE_WEIGHTED_GRADIENT
+    assert {m for m, f in flags.items() if f["needs_stochastic_sampler"]} == \
+        {"ddpo", "dpok", "ppo_kl", "ppo_kl_log_ratio", "soft_ppo", "rw_mle", "ctrl", "ctrl_plain_critic", "pcl",
+         "pcl_subtrajectory", "pcl_trajectory_balance", "smc", "smc_twisted", "svdd", "svdd_argmax", "svdd_mc",
+         "value_weighted_path_integral"}
+    assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == \
+        {"qlearning", "qlearning_td", "gaussian_target", "value_weighted_path_integral"}
     assert {m for m, f in flags.items() if "vectors" not in f["sample_kinds"]} == {"exact_optimum"}
 
 

@@ -24,9 +24,12 @@ GMM = ["dataset=gmm1d"]
 #: methods that backpropagate the reward: they need a differentiable one (the 1-D example's)
 BACKPROP = {m for m in METHODS if method_class(m).needs_differentiable_reward}
 
+#: the closed-form bench's preset (a method's example_overrides)
+OWN_DATASET = "dataset=gaussian1d"
+
 #: run name -> overrides
 RUNS = {
-    **{m: [f"method={m}", *(GMM if m in BACKPROP else [])] for m in METHODS},
+    **{m: [f"method={m}", *(method_class(m).example_overrides or (GMM if m in BACKPROP else []))] for m in METHODS},
     "qlearning-ddim": ["method=qlearning", "sampler=ddim"],
     "qlearning-ode_euler": ["method=qlearning", "sampler=ode_euler"],
     "qlearning-gmm1d": ["method=qlearning", *GMM],
@@ -68,26 +71,26 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, name):
     runs, _ = smoke_runs
     proc, run_dir = runs[name]
     assert proc.returncode == 0, describe(proc)
-    gmm = "gmm1d" in name or name in BACKPROP
+    gmm = "gmm1d" in name or name in BACKPROP or OWN_DATASET in RUNS[name]  # 1-D, reward -(x - c)^2
     dim = 1 if gmm else 2
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    assert cfg.method._target_.split(".")[-1].lower() in {"dpok", "ddpo", "qlearning", "pretrained", "rewardbackprop",
-                                                          "elegant", "ppokl", "guidance"}
-    assert cfg.sampler.num_steps == 4 and cfg.backbone.dim == dim
+    assert cfg.method._target_ == f"{method_class(cfg_name(name)).__module__}.{method_class(cfg_name(name)).__name__}"
+    assert cfg.sampler.num_steps == 4
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    keys = {"reward_mean", "reward_ci95", "kl_path", "n_samples"}
+    # kl_div: the sum of the generation's KL terms (a chain's path KL; a particle sampler's estimate)
+    keys = {"reward_mean", "reward_ci95", "kl_div", "n_samples", "train_reward_queries", "train_saved_for_backward_mb"}
     if not gmm:
         keys.add("kl_data")
     assert keys <= set(metrics), sorted(metrics)
     assert metrics["n_samples"] == N_SAMPLES
     for key in keys:
         assert math.isfinite(metrics[key]), (key, metrics[key])
-    assert metrics["kl_path"] >= 0 and metrics["reward_ci95"] >= 0
+    assert metrics["kl_div"] >= -0.05 and metrics["reward_ci95"] >= 0  # an estimate (SMC's) may dip below 0
     assert json.loads((run_dir / "timing.json").read_text())["wall_seconds"] > 0
     if gmm:
-        assert metrics["reward_mean"] <= 0  # -(x - 6)^2
+        assert metrics["reward_mean"] <= 0  # -(x - 6)^2, -(x - 2)^2
     else:
         assert 0 <= metrics["reward_mean"] <= 1  # box indicator
 
@@ -102,19 +105,24 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, name):
     assert backbone and backbone.keys() == reference.keys()
     changed = any(not torch.equal(backbone[k], reference[k]) for k in backbone)
 
+    assert changed == method_class(cfg_name(name)).fine_tunes, "the backbone moved iff the method fine-tunes it"
     if name == "pretrained":
-        assert not (run_dir / "metrics.csv").exists()  # 0 iterations: no training curve
-        assert not changed
         assert metrics["kl_path"] == 0.0  # the evaluated policy is the reference
+    # a Lightning fit saves its loops and the method's generators; a run with nothing to train
+    # (the pretrained / target rows, inference-time samplers whatever `iterations` says) saves weights only
+    trained = "generator_state" in ckpt
+    if not trained:
+        assert not method_class(cfg_name(name)).fine_tunes, "only a method that fine-tunes nothing may skip training"
+        assert not (run_dir / "metrics.csv").exists()  # no training curve
+        assert metrics["train_reward_queries"] == 0
     else:
         # guidance trains a classifier and leaves the score network as it was
-        assert changed == method_class(cfg_name(name)).fine_tunes, "the backbone moved iff the method fine-tunes it"
-        assert metrics["kl_path"] > 0
+        assert metrics["kl_div"] > 0 or not method_class(cfg_name(name)).fine_tunes
+        assert metrics["train_reward_queries"] > 0 or not method_class(cfg_name(name)).fine_tunes
         with open(run_dir / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
         logged_steps = {r["step"] for r in rows if any(v for k, v in r.items() if k.startswith("train/"))}
         assert len(logged_steps) == cfg.method.iterations == 3
-        assert "generator_state" in ckpt  # resumable
     if name == "guidance":
         assert any(k.startswith("classifier.") for k in state)
     if name == "elegant":
@@ -140,7 +148,7 @@ def test_same_pretrained_backbone_for_every_swiss_roll_run(smoke_runs):
     runs, _ = smoke_runs
     refs = []
     for name, (proc, run_dir) in runs.items():
-        if "gmm1d" in name or name in BACKPROP or "bridge" in name:
+        if "gmm1d" in name or name in BACKPROP or "bridge" in name or OWN_DATASET in RUNS[name]:
             continue
         state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
         refs.append({k: v for k, v in state.items() if k.startswith("reference.")})

@@ -13,13 +13,28 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONF_DIR, describe, last_error_line, method_class, path_overrides, run_cli_many
+from conftest import CONF_DIR, compose_config, describe, last_error_line, method_class, path_overrides, run_cli_many
 
 #: every method that declares it works on tokens
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("[!_]*.yaml") if "tokens" in method_class(p.stem).sample_kinds)
 #: the dataset alone: its preset brings its oracle, genuine reward, VP process and transformer
 DATASETS = {"tfbind8": (8, 4), "gfp": (237, 20)}
 N_SAMPLES = 64  # debug=smoke evaluation: 2 batches of 32
+
+
+def one_per_class(methods: list[str]) -> list[str]:
+    """The first YAML of each method class (a variant of the same class only changes keys)."""
+    seen, out = set(), []
+    for m in methods:
+        target = compose_config([f"method={m}"]).method._target_
+        if target not in seen:
+            seen.add(target)
+            out.append(m)
+    return out
+
+
+#: every method on TFBind8; on GFP (237 residues, the slow one) every method class once
+CASES = {("tfbind8", m) for m in METHODS} | {("gfp", m) for m in one_per_class(METHODS)}
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +48,13 @@ def sequence_runs(tmp_path_factory):
 
     # first wave: one run per dataset fits its oracles and pretrains; the rest load the cache
     first = [(d, "pretrained") for d in DATASETS]
-    rest = [(d, m) for d in DATASETS for m in METHODS if m != "pretrained"]
+    rest = [(d, m) for d in DATASETS for m in METHODS if m != "pretrained" and (d, m) in CASES]
     results = dict(zip(first, run_cli_many([command(*k) for k in first], workers=2)))
     results.update(zip(rest, run_cli_many([command(*k) for k in rest], workers=2)))
     return {k: (proc, root / k[0] / k[1]) for k, proc in results.items()}, cache
 
 
-@pytest.mark.parametrize("dataset", list(DATASETS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dataset, method", sorted(CASES))
 def test_sequence_run_contract(sequence_runs, dataset, method):
     runs, _ = sequence_runs
     proc, run_dir = runs[(dataset, method)]
@@ -62,7 +76,8 @@ def test_sequence_run_contract(sequence_runs, dataset, method):
         assert math.isfinite(metrics[key]), (key, metrics)
     assert metrics["reward_mean"] == pytest.approx(float(rewards.mean()), rel=1e-5)
     assert 0 <= metrics["diversity"] <= length
-    assert metrics["kl_div"] >= 0
+    # a chain's path KL is >= 0; SMC's KL is an estimate (E_W r / alpha - log Z) that may dip below
+    assert metrics["kl_div"] >= (-0.05 if "kl_smc" in metrics else 0)
     if method == "pretrained":
         assert metrics["kl_div"] == 0
     assert {"pretrained", "guidance", "elegant", "nokl", "ppo_kl"} <= set(METHODS)

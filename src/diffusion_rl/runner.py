@@ -228,6 +228,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         device = build_trainer(cfg, run_dir, 0, [], checkpoint=False).strategy.root_device
         torch.save({"state_dict": method.state_dict()}, last)
 
+    train_queries = method.reward_queries  # what a method costs in reward evaluations (black-box budgets)
     method.to(device).eval()
     eval_cfg = EvalConfig(**cfg.eval.metrics)
     # the evaluation's two streams, by the project's rule: chain noise on the device, data draws
@@ -235,8 +236,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # (eval.seed picks another evaluation of the same run)
     generator = torch.Generator(device=device).manual_seed(derive_seed(int(cfg.seed), "eval", int(cfg.eval.seed)))
     data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.seed), "eval_data", int(cfg.eval.seed)))
+    sampling_queries = 0
+
+    def generate(n: int, generator: torch.Generator):  # counts what sampling itself asks of the reward
+        nonlocal sampling_queries
+        before = method.reward_queries
+        generation = method.generate(n, generator)
+        sampling_queries += method.reward_queries - before
+        return generation
+
     metrics, samples, rewards = evaluate(
-        method.generate, reward.to(device), eval_cfg, eval_metrics, kind=kind, generator=generator,
+        generate, reward.to(device), eval_cfg, eval_metrics, kind=kind, generator=generator,
         data_generator=data_generator, data=dataset, decode=method.decode,
         true_reward=None if true_reward is None else true_reward.to(device))
     for name, r in (("oracle", reward), ("true_oracle", true_reward)):
@@ -244,6 +254,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             if key.endswith("r2"):
                 metrics[f"{name}_{key}"] = value  # how far r_hat (and a proxy r) can be trusted
     metrics.update(method.extra_metrics())
+    metrics["train_reward_queries"] = train_queries
+    metrics["sampling_reward_queries_per_sample"] = sampling_queries / metrics["n_samples"]
+    metrics["train_saved_for_backward_mb"] = method.saved_for_backward_peak / 2**20
     # what the job was launched with: tables select their rows' runs by these (report/experiments.py)
     metrics["overrides"] = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics

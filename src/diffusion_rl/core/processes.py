@@ -352,3 +352,13 @@ class BrownianBridgeProcess(ForwardProcess):
 
     def reverse_diffusion(self, s: Tensor) -> Tensor:
         return torch.full_like(torch.as_tensor(s, dtype=torch.get_default_dtype()), self.eps)
+
+
+def check_tweedie(process: ForwardProcess, times: Tensor, event_shape, instead: str) -> None:
+    """Refuse, with one line naming the alternative, a Tweedie value on a process whose network
+    output has no ``x0`` estimate (a drift-parametrised bridge)."""
+    x = torch.zeros(1, *event_shape)
+    try:
+        process.denoise(x, times[:1], x)
+    except ValueError as e:
+        raise ValueError(f"method.value=tweedie: {e} (use {instead})") from None

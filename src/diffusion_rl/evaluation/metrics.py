@@ -196,6 +196,23 @@ class KnnKL(Metric):
         return knn_kl(s.flat_batches(), ref, s.cfg.knn_k)
 
 
+class SampleMoment(Metric):
+    """Per batch, the mean or the (unbiased) variance of one coordinate of vector samples:
+    the closed-form bench compares them with each target's exact moments."""
+
+    kinds = ("vectors",)
+
+    def __init__(self, name: str, moment: str = "mean", coordinate: int = 0):
+        super().__init__(name)
+        if moment not in ("mean", "var"):
+            raise ValueError(f"moment must be mean or var (got {moment!r})")
+        self.moment, self.coordinate = moment, int(coordinate)
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        x = s.flat_batches()[..., self.coordinate].double()
+        return x.mean(1) if self.moment == "mean" else x.var(1, unbiased=True)
+
+
 class Diversity(Metric):
     """Mean pairwise Levenshtein distance within a batch (ELEGANT's "Div")."""
 

@@ -55,6 +55,9 @@ class FineTuneMethod(L.LightningModule):
     needs_stochastic_sampler: bool = False
     #: the datasets' ``sample_kind`` the method can fine-tune on
     sample_kinds: tuple[str, ...] = ("vectors", "tokens")
+    #: the overrides a method needs besides ``method=<name>`` to run at all (a bench-only
+    #: method's dataset); the end-to-end tests run it with them
+    example_overrides: tuple[str, ...] = ()
     #: whether a finished run may be continued with more ``iterations`` (run_folder.py); False
     #: where stages are shares of the budget (ELEGANT), which more iterations would move
     extendable: bool = True
@@ -63,7 +66,8 @@ class FineTuneMethod(L.LightningModule):
                  batch_size: int, lr: float, seed: int = 0, iterations_per_epoch: int = 50,
                  grad_window: dict | None = None, checkpoint_steps: bool = False, dataset=None,
                  max_grad_norm: float | None = None, true_reward: Reward | None = None,
-                 condition_source: ConditionSource | None = None):
+                 condition_source: ConditionSource | None = None, lr_decay_at: float | None = None,
+                 lr_decay_factor: float = 0.1):
         super().__init__()
         for key, v in (("iterations", iterations), ("batch_size", batch_size), ("iterations_per_epoch", iterations_per_epoch)):
             if v < 0 or (v == 0 and key != "iterations"):
@@ -75,6 +79,11 @@ class FineTuneMethod(L.LightningModule):
             raise ValueError(f"{type(self).__name__} needs a differentiable reward ({type(reward).__name__} is not)")
         if self.needs_stochastic_sampler and not sampler.stochastic:
             raise ValueError(f"{type(self).__name__} needs a stochastic sampler ({type(sampler).__name__} is deterministic here)")
+        if lr_decay_at is not None and not 0 <= lr_decay_at <= 1:
+            raise ValueError(f"method.lr_decay_at must be a fraction in [0, 1] or null (got {lr_decay_at})")
+        if lr_decay_factor <= 0:
+            raise ValueError(f"method.lr_decay_factor must be > 0 (got {lr_decay_factor})")
+        self.lr_decay_at, self.lr_decay_factor = lr_decay_at, lr_decay_factor
         self.automatic_optimization = False
         self.backbone = backbone
         self.reference = backbone.frozen_reference()
@@ -94,6 +103,14 @@ class FineTuneMethod(L.LightningModule):
         self._generator: torch.Generator | None = None
         self._data_generator: torch.Generator | None = None
         self._pending_states: dict[str, Tensor | None] = {}
+        # memory a method's updates hold for backward (the tutorial's "memory efficiency"):
+        # bytes of the tensors autograd saved since the last backward, and their peak over the run
+        self._saved_bytes = 0
+        self.saved_for_backward_peak = 0
+        # rows the reward scored (training and sampling): the budget of a black-box reward
+        self.reward_queries = 0
+        if isinstance(reward, torch.nn.Module):
+            reward.register_forward_pre_hook(self._count_queries)
 
     # --- randomness ------------------------------------------------------------------------
     # One rule for the whole project: chain noise (prior draws, transition noise, anything
@@ -120,6 +137,8 @@ class FineTuneMethod(L.LightningModule):
         return self._data_generator
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["saved_for_backward_peak"] = self.saved_for_backward_peak
+        checkpoint["reward_queries"] = self.reward_queries
         checkpoint["generator_state"] = self.generator.get_state()
         checkpoint["data_generator_state"] = self.data_generator.get_state()
         # the global stream too (the run's fork of it, runner.py): whatever draws from it
@@ -127,6 +146,8 @@ class FineTuneMethod(L.LightningModule):
         checkpoint["global_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.saved_for_backward_peak = int(checkpoint.get("saved_for_backward_peak", 0))
+        self.reward_queries = int(checkpoint.get("reward_queries", 0))
         self._pending_states = {k: checkpoint.get(k) for k in ("generator_state", "data_generator_state")}
         self._generator = self._data_generator = None
         if checkpoint.get("global_rng_state") is not None:
@@ -213,10 +234,39 @@ class FineTuneMethod(L.LightningModule):
         return torch.utils.data.DataLoader(_Iterations(self.iterations_per_epoch), batch_size=None,
                                            generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")))
 
+    def manual_backward(self, loss: Tensor, *args, **kw) -> None:
+        self.saved_for_backward_peak = max(self.saved_for_backward_peak, self._saved_bytes)
+        self._saved_bytes = 0  # the graph is freed by this backward
+        super().manual_backward(loss, *args, **kw)
+
+    def _count_queries(self, module, args) -> None:
+        if args and torch.is_tensor(args[0]):
+            self.reward_queries += int(args[0].shape[0])
+
+    def _count_saved(self, tensor: Tensor) -> Tensor:
+        self._saved_bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def apply_lr_schedule(self, iteration: int) -> None:
+        """Set every optimiser's rate for ``iteration`` (0-based) from its initial rate: a
+        function of the iteration alone, so a resumed run continues the same schedule."""
+        if self.lr_decay_at is None:
+            return
+        factor = self.lr_decay_factor if iteration >= self.lr_decay_at * self.iterations else 1.0
+        optimisers = self.optimizers()
+        for opt in optimisers if isinstance(optimisers, (list, tuple)) else [optimisers]:
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+
     def training_step(self, batch, batch_idx):
+        self.apply_lr_schedule(self.current_epoch * self.iterations_per_epoch + batch_idx)
         self.backbone.train()
         self._last_final = None
-        logs = self.update()
+        self._saved_bytes = 0
+        # counts every tensor saved for backward (an upper bound: a tensor saved by two ops counts twice)
+        with torch.autograd.graph.saved_tensors_hooks(self._count_saved, lambda tensor: tensor):
+            logs = self.update()
         if self._last_final is not None:
             logs.update(self.sample_stats(self._last_final))
         logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}

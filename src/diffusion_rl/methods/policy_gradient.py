@@ -1,5 +1,5 @@
-"""The policy-gradient family on the denoising chain: DDPO, DPOK, PPO + KL (and the coming
-soft PPO, CTRL) are siblings under :class:`PolicyGradientMethod`.
+"""The policy-gradient family on the denoising chain: DDPO, DPOK, PPO + KL, soft PPO and
+CTRL are siblings under :class:`PolicyGradientMethod`.
 
 Every iteration rolls out a batch without gradient, turns the terminal rewards into
 advantages (one per chain ``[B]`` or per step ``[K, B]``), then takes ``minibatches`` PPO
@@ -12,8 +12,8 @@ never holds more than that many steps of the backbone — a 50-step chain of a l
 then needs about the memory of a short one. ``null`` keeps one backward over all steps (the
 fastest for small networks; the same numbers up to float summation order otherwise).
 
-A sibling overrides :meth:`advantages` and/or :meth:`regulariser` (and :meth:`prepare`,
-run once per rollout).
+A sibling overrides :meth:`advantages`, :meth:`step_advantages` and/or :meth:`regulariser`
+(and :meth:`prepare`, run once per rollout).
 """
 
 from __future__ import annotations
@@ -51,10 +51,21 @@ class PolicyGradientMethod(FineTuneMethod):
     def prepare(self, traj: Trajectory) -> None:
         """Run once per rollout, before the PPO steps."""
 
+    def step_advantages(self, adv: Tensor, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
+        """The ``[len(steps), b]`` advantages that multiply the ratios inside the clipped
+        surrogate; may depend on the parameters through the recomputed ``means`` (the
+        tutorial's soft PPO puts the per-step KL there). Default: ``adv`` as given."""
+        return adv
+
     def regulariser(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
         """Added to the loss of the chains ``idx`` at ``steps``, from their recomputed ``means``
         (``[len(steps), b, *E]``); must be a sum over those steps (it is backpropagated per chunk)."""
         return means.new_zeros(())
+
+    def policy_optimizer(self):
+        """The optimiser of the PPO steps: the only one by default; a sibling that trains more
+        (CTRL's critic) returns its policy optimiser here."""
+        return self.optimizers()
 
     # --- the analytic KL at the visited states (DPOK, PPO + KL) ------------------------------
     def prepare_reference_means(self, traj: Trajectory) -> None:
@@ -63,16 +74,19 @@ class PolicyGradientMethod(FineTuneMethod):
         with torch.no_grad():
             self._ref_means = self.sampler.recompute_means(self.reference, traj, chunk_steps=self.steps_per_backward)
 
-    def direct_kl(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
-        """``mean_b sum_k KL_k(theta; x_k)`` over ``steps`` at the recorded states, differentiated
-        through the recomputed ``means`` only. A deterministic step (DDIM onto s = 0) has no
-        Gaussian KL and is skipped."""
+    def step_kls(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
+        """``[len(steps), b]`` closed-form ``KL_k(theta; x_k)`` at the recorded states,
+        differentiable through the recomputed ``means`` only. A deterministic step (DDIM onto
+        s = 0) has no Gaussian KL: 0 there."""
         stds = traj.stds[steps.start:steps.stop]
-        noisy = stds > 0
         ref = self._ref_means[steps.start:steps.stop][:, idx]
-        var = stds[noisy].reshape(-1, *([1] * (means.dim() - 1))) ** 2
-        kl = ((means[noisy] - ref[noisy]) ** 2 / (2 * var)).flatten(2).sum(-1)  # [k', b]
-        return kl.sum(0).mean()
+        safe = torch.where(stds > 0, stds, torch.ones_like(stds)).reshape(-1, *([1] * (means.dim() - 1)))
+        kl = ((means - ref) ** 2 / (2 * safe**2)).flatten(2).sum(-1)  # [k', b]
+        return torch.where((stds > 0).unsqueeze(1), kl, torch.zeros_like(kl))
+
+    def direct_kl(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
+        """``mean_b sum_k KL_k(theta; x_k)`` over ``steps`` (:meth:`step_kls`)."""
+        return self.step_kls(traj, means, steps, idx).sum(0).mean()
 
     # --- one iteration -----------------------------------------------------------------------
     def update(self) -> dict[str, float]:
@@ -83,7 +97,7 @@ class PolicyGradientMethod(FineTuneMethod):
         self.prepare(traj)
         K = traj.num_steps
         chunk = self.steps_per_backward or K
-        opt = self.optimizers()
+        opt = self.policy_optimizer()
         perm = torch.randperm(self.batch_size, generator=self.generator, device=self.device)
         clipped = 0.0
         for idx in perm.chunk(self.minibatches):
@@ -93,7 +107,8 @@ class PolicyGradientMethod(FineTuneMethod):
                 steps = range(start, min(start + chunk, K))
                 means = self.sampler.recompute_means(self.backbone, sub, steps)
                 ratio = torch.exp(sub.log_probs(means, steps) - old_logp[start:steps.stop, idx])  # [k, b]
-                a = adv[start:steps.stop, idx] if adv.dim() == 2 else adv[idx].unsqueeze(0)
+                a = adv[start:steps.stop, idx] if adv.dim() == 2 else adv[idx].unsqueeze(0).expand(len(steps), -1)
+                a = self.step_advantages(a, sub, means, steps, idx)
                 # summed over steps: the chain's log-likelihood is the sum of its steps' (this keeps
                 # the reward term on the same scale as DPOK's summed per-step KL)
                 surrogate = torch.minimum(ratio * a, ratio.clamp(1 - self.clip_range, 1 + self.clip_range) * a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from ..backbones.base import Backbone
 from ..core.processes import BrownianBridgeProcess, ForwardProcess, _bcast
@@ -62,12 +63,18 @@ class ScoreMatching(_Pretrainer):
 
     def loss(self):
         x0, s = self._draw()
-        alpha, sigma = self.process.marginal_coeffs(s.cpu())
-        alpha, sigma = _bcast(alpha.to(x0), x0), _bcast(sigma.to(x0), x0)
         eps = torch.randn(x0.shape, generator=self.generator).to(x0)
-        x = alpha * x0 + sigma * eps
-        score = self.process.to_score(x, s, self.backbone(x, s))
-        return ((sigma * score + eps) ** 2).flatten(1).sum(-1).mean()
+        return denoising_score_matching(self.backbone, self.process, x0, s, eps).mean()
+
+
+def denoising_score_matching(backbone, process: ForwardProcess, x0: Tensor, s: Tensor, eps: Tensor) -> Tensor:
+    """``[B]`` per-row ``|sigma(s) s_theta(x_s, s) + eps|^2`` at ``x_s = alpha(s) x_0 + sigma(s) eps``
+    (shared with reward-weighted MLE's offline variant, which weights the rows)."""
+    alpha, sigma = process.marginal_coeffs(s.cpu())
+    alpha, sigma = _bcast(alpha.to(x0), x0), _bcast(sigma.to(x0), x0)
+    x = alpha * x0 + sigma * eps
+    score = process.to_score(x, s, backbone(x, s))
+    return ((sigma * score + eps) ** 2).flatten(1).sum(-1)
 
 
 class BridgeMatching(_Pretrainer):
