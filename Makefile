@@ -24,7 +24,7 @@ setup: .venv/.installed  ## Create .venv: pinned CPU torch first (no CUDA downlo
 	$(PY) -m pip install -q -c .venv/constraints.txt -e '.[dev]'
 	touch $@
 
-test: setup  ## Run the test suite (closed forms, configs, every method end to end; ~11-14 min on 2 cores)
+test: setup  ## Run the test suite (closed forms, configs, every method end to end; ~20-30 min on 2 cores)
 	$(PY) -m pytest tests
 
 demo: setup  ## Reduced-budget q-learning Table 3 on the CPU (< 10 min), printed at the end
