@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 TABLE := $(PY) scripts/make_table.py
 
 TABLES := qlearning_table3 qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3 \
-          elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian
+          elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian tutorial_table1
 
 .PHONY: help setup test demo all report readme dashboard bench clean elegant_lr_sweep $(TABLES)
 
@@ -24,7 +24,7 @@ setup: .venv/.installed  ## Create .venv: pinned CPU torch first (no CUDA downlo
 	$(PY) -m pip install -q -c .venv/constraints.txt -e '.[dev]'
 	touch $@
 
-test: setup  ## Run the test suite (closed forms, configs, every method end to end; ~20-30 min on 2 cores)
+test: setup  ## Run the test suite (closed forms, configs, every method end to end; ~15-20 min on 2 cores)
 	$(PY) -m pytest tests
 
 demo: setup  ## Reduced-budget q-learning Table 3 on the CPU (< 10 min), printed at the end
@@ -53,6 +53,8 @@ elegant_fig2: setup  ## ELEGANT Figure 2: r_hat histograms of ELEGANT for alpha 
 	$(TABLE) $@
 
 exact_gaussian: setup  ## The exact-answer bench: every method on the 1-D Gaussian against its closed-form target
+	$(TABLE) $@
+tutorial_table1: setup  ## The RL tutorial's Table 1, measured on TFBind8: reward, KL, memory, wall time, reward queries / gradients
 	$(TABLE) $@
 
 all: $(TABLES)  ## Every CPU table and figure (finished runs are reused), then the README's results section

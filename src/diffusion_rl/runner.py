@@ -228,7 +228,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         device = build_trainer(cfg, run_dir, 0, [], checkpoint=False).strategy.root_device
         torch.save({"state_dict": method.state_dict()}, last)
 
-    train_queries = method.reward_queries  # what a method costs in reward evaluations (black-box budgets)
+    # what a method costs in reward evaluations (black-box budgets) and reward gradients
+    train_queries, train_gradient_rows = method.reward_queries, method.reward_gradient_rows
     method.to(device).eval()
     eval_cfg = EvalConfig(**cfg.eval.metrics)
     # the evaluation's two streams, by the project's rule: chain noise on the device, data draws
@@ -236,13 +237,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # (eval.seed picks another evaluation of the same run)
     generator = torch.Generator(device=device).manual_seed(derive_seed(int(cfg.seed), "eval", int(cfg.eval.seed)))
     data_generator = torch.Generator().manual_seed(derive_seed(int(cfg.seed), "eval_data", int(cfg.eval.seed)))
-    sampling_queries = 0
+    sampling_queries = sampling_gradient_rows = 0
 
     def generate(n: int, generator: torch.Generator):  # counts what sampling itself asks of the reward
-        nonlocal sampling_queries
-        before = method.reward_queries
+        nonlocal sampling_queries, sampling_gradient_rows
+        before, gradients_before = method.reward_queries, method.reward_gradient_rows
         generation = method.generate(n, generator)
         sampling_queries += method.reward_queries - before
+        sampling_gradient_rows += method.reward_gradient_rows - gradients_before
         return generation
 
     metrics, samples, rewards = evaluate(
@@ -257,6 +259,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["train_reward_queries"] = train_queries
     metrics["sampling_reward_queries_per_sample"] = sampling_queries / metrics["n_samples"]
     metrics["train_saved_for_backward_mb"] = method.saved_for_backward_peak / 2**20
+    metrics["train_reward_gradient_rows"] = train_gradient_rows
+    metrics["sampling_reward_gradient_rows_per_sample"] = sampling_gradient_rows / metrics["n_samples"]
+    trained = method.trained_parameter_counts()
+    metrics["trained_policy_parameters"] = trained["policy"]
+    metrics["trained_auxiliary_parameters"] = trained["auxiliary"]
     # what the job was launched with: tables select their rows' runs by these (report/experiments.py)
     metrics["overrides"] = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for key in cfg.get("report_keys", []):  # the config values a table reports beside the metrics

@@ -93,6 +93,14 @@ class ParticleSampler:
     def _k(self, k: int, B: int) -> Tensor:
         return torch.full((B,), k, dtype=torch.long, device=self.device)
 
+    def _transition(self, x: Tensor, k: int, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The sampler's step, with the rollout's rule for the last one: ``final_noise=false``
+        returns its mean (std 0)."""
+        mean, std = self.sampler.transition(x, self._k(k, x.shape[0]), out)
+        if k == self.sampler.num_steps - 1 and not self.sampler.final_noise:
+            std = torch.zeros_like(std)
+        return mean, std
+
     def _noisy(self, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
         # the rollout's own draw (shape, order) and formula: N = 1 stays bit for bit the rollout
         noise = torch.randn(mean.shape, generator=self.generator, device=self.device)
@@ -148,13 +156,16 @@ class ParticleSampler:
                 x, out, log_psi, cond = x[rows], out[rows], log_psi[rows], index_cond(cond, rows)
                 grad = None if grad is None else grad[rows]
                 log_w = torch.where(do.unsqueeze(1), torch.zeros_like(log_w), log_w)
-            mean, std = self.sampler.transition(x, self._k(k, B), out)
-            proposal_mean = mean if grad is None else mean + _bcast(std**2, grad) * grad
+            mean, std = self._transition(x, k, out)
+            # a deterministic step (the last one under sampler.final_noise=false) moves every
+            # particle to its mean under the target and the proposal alike: no density ratio
+            deterministic = not bool((std > 0).any())
+            proposal_mean = mean if grad is None or deterministic else mean + _bcast(std**2, grad) * grad
             x_next, noise = self._noisy(proposal_mean, std)
             dims = tuple(range(1, x.dim()))
             # log N(x'; m, std^2) - log N(x'; m~, std^2); exactly 0 for the bootstrap proposal
             log_ratio = (0.5 * (noise**2).sum(dims) - ((x_next - mean) ** 2).sum(dims) / (2 * std**2)
-                         if grad is not None else torch.zeros_like(log_psi))
+                         if grad is not None and not deterministic else torch.zeros_like(log_psi))
             if k + 1 < K:
                 out, log_psi_next, grad = self._twist(log_twist, x_next, k + 1, cond, twisted)
             else:
@@ -187,11 +198,13 @@ class ParticleSampler:
         kl = torch.zeros(n, dtype=x.dtype, device=self.device)
         for k in range(K):
             kk = self._k(k, n)
-            mean, std = self.sampler.transition(x, kk, self.policy(x, self.times[kk], cond))
-            y, _ = self._noisy(mean.repeat_interleave(M, 0), std.repeat_interleave(M, 0))
-            if M == 1:
-                x = y  # nothing to choose (no index drawn, no KL)
+            mean, std = self._transition(x, k, self.policy(x, self.times[kk], cond))
+            if M == 1 or not bool((std > 0).any()):
+                # nothing to choose (no index drawn, no KL): one candidate, or a deterministic
+                # step (sampler.final_noise=false) whose M candidates would all be the mean
+                x, _ = self._noisy(mean, std)
                 continue
+            y, _ = self._noisy(mean.repeat_interleave(M, 0), std.repeat_interleave(M, 0))
             logits = log_score(y, k + 1, cond_m).reshape(n, M)
             idx = resample(logits, 1, scheme, self.generator)
             W = torch.softmax(logits, -1) if scheme != "argmax" else torch.zeros_like(logits).scatter_(1, idx, 1.0)
@@ -201,13 +214,15 @@ class ParticleSampler:
 
 
 def check_noisy_steps(sampler: Sampler, event_shape: tuple[int, ...], method: str) -> None:
-    """Particle weights and candidate draws need a density at every step: refuse ``std_k = 0``."""
-    if not sampler.stochastic or not sampler.final_noise:
+    """Particle weights and candidate draws need a density at every step but the last: refuse
+    ``std_k = 0`` before it. A deterministic last step (``sampler.final_noise=false``) is a
+    fixed map of ``x_{K-1}`` under the target and the proposal alike: the loops move every
+    particle to its mean there and weigh by ``psi_K`` of it."""
+    if not sampler.stochastic:
         raise ValueError(f"method {method} needs a noisy transition at every step (a Gaussian density to reweight "
-                         f"or draw candidates from): set sampler.final_noise=true"
-                         + ("" if sampler.stochastic else " and use a stochastic sampler (sampler.eta > 0)"))
+                         "or draw candidates from): use a stochastic sampler (sampler.eta > 0)")
     x = torch.zeros(1, *event_shape)
-    for k in range(sampler.num_steps):
+    for k in range(sampler.num_steps - (0 if sampler.final_noise else 1)):
         _, std = sampler.transition(x, torch.full((1,), k, dtype=torch.long), torch.zeros_like(x))
         if not bool((std > 0).all()):
             raise ValueError(f"method {method} needs a noisy transition at every step, but step {k} of "

@@ -107,10 +107,16 @@ class FineTuneMethod(L.LightningModule):
         # bytes of the tensors autograd saved since the last backward, and their peak over the run
         self._saved_bytes = 0
         self.saved_for_backward_peak = 0
-        # rows the reward scored (training and sampling): the budget of a black-box reward
+        # rows the reward scored (training and sampling): the budget of a black-box reward; and
+        # rows a reward gradient was backpropagated through (the tutorial's "needs a
+        # differentiable reward", measured: zero for a method that only queries it)
         self.reward_queries = 0
+        self.reward_gradient_rows = 0
         if isinstance(reward, torch.nn.Module):
-            reward.register_forward_pre_hook(self._count_queries)
+            reward.register_forward_hook(self._count_queries)
+        # names of the parameters an optimiser stepped (the tutorial's "needs a value
+        # function", measured: parameters trained beside the policy's)
+        self.stepped_parameter_names: set[str] = set()
 
     # --- randomness ------------------------------------------------------------------------
     # One rule for the whole project: chain noise (prior draws, transition noise, anything
@@ -139,6 +145,8 @@ class FineTuneMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["saved_for_backward_peak"] = self.saved_for_backward_peak
         checkpoint["reward_queries"] = self.reward_queries
+        checkpoint["reward_gradient_rows"] = self.reward_gradient_rows
+        checkpoint["stepped_parameter_names"] = sorted(self.stepped_parameter_names)
         checkpoint["generator_state"] = self.generator.get_state()
         checkpoint["data_generator_state"] = self.data_generator.get_state()
         # the global stream too (the run's fork of it, runner.py): whatever draws from it
@@ -148,6 +156,8 @@ class FineTuneMethod(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.saved_for_backward_peak = int(checkpoint.get("saved_for_backward_peak", 0))
         self.reward_queries = int(checkpoint.get("reward_queries", 0))
+        self.reward_gradient_rows = int(checkpoint.get("reward_gradient_rows", 0))
+        self.stepped_parameter_names = set(checkpoint.get("stepped_parameter_names", []))
         self._pending_states = {k: checkpoint.get(k) for k in ("generator_state", "data_generator_state")}
         self._generator = self._data_generator = None
         if checkpoint.get("global_rng_state") is not None:
@@ -198,6 +208,8 @@ class FineTuneMethod(L.LightningModule):
         if self.max_grad_norm is not None:
             params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        stepped = {id(p) for g in opt.param_groups for p in g["params"] if p.grad is not None}
+        self.stepped_parameter_names.update(n for n, p in self.named_parameters() if id(p) in stepped)
         opt.step()
 
     def update(self) -> dict[str, float]:  # pragma: no cover
@@ -239,9 +251,24 @@ class FineTuneMethod(L.LightningModule):
         self._saved_bytes = 0  # the graph is freed by this backward
         super().manual_backward(loss, *args, **kw)
 
-    def _count_queries(self, module, args) -> None:
-        if args and torch.is_tensor(args[0]):
-            self.reward_queries += int(args[0].shape[0])
+    def _count_queries(self, module, args, output) -> None:
+        if not (args and torch.is_tensor(args[0])):
+            return
+        rows = int(args[0].shape[0])
+        self.reward_queries += rows
+        if torch.is_tensor(output) and output.requires_grad:  # counted when a backward reaches it
+            output.register_hook(lambda grad: self._count_reward_gradient(rows))
+
+    def _count_reward_gradient(self, rows: int) -> None:
+        self.reward_gradient_rows += rows
+
+    def trained_parameter_counts(self) -> dict[str, int]:
+        """Parameters the run's optimisers stepped: the policy's (the backbone) and the rest
+        (value networks, critics, classifiers, ELEGANT's initial control)."""
+        sizes = dict(self.named_parameters())
+        policy = sum(sizes[n].numel() for n in self.stepped_parameter_names if n.startswith("backbone."))
+        other = sum(sizes[n].numel() for n in self.stepped_parameter_names if not n.startswith("backbone."))
+        return {"policy": policy, "auxiliary": other}
 
     def _count_saved(self, tensor: Tensor) -> Tensor:
         self._saved_bytes += tensor.numel() * tensor.element_size()

@@ -124,7 +124,7 @@ class QLearning(FineTuneMethod):
         opt_policy.zero_grad(set_to_none=True)
         opt_value.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        opt_policy.step()
-        opt_value.step()
+        self.clip_and_step(opt_policy)
+        self.clip_and_step(opt_value)
         return {"critic_loss": loss, "reward": rewards.mean(), "kl_path": traj.path_kl().mean(),
                 "running_reward": (running * dt).sum(0).mean()}

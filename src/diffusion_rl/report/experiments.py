@@ -13,7 +13,8 @@ overlays, a ``table:`` block:
   launched with, e.g. ``{method.kl_weight: 0.05}``) and ``target_reward`` (of the cells left,
   the one whose mean reward is closest — the calibration of the q-learning paper §6.4), and
   ``paper`` (the paper's numbers, cited in ``source``).
-* ``columns``: metric keys shown for our runs, with a header each.
+* ``columns``: metric keys shown for our runs, with a header each (a derived table drops an
+  inherited column by setting its header to null).
 
 Run selection reads the overrides each run records in its ``metrics.json`` (``overrides``: the
 job's ``key=value`` list, as Hydra received it), parsed by Hydra's own override parser: a run

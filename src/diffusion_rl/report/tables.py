@@ -33,7 +33,7 @@ def _runs(cfg: DictConfig, cache: dict[str, list[Run]], group: str) -> list[Run]
 
 def render_table(cfg: DictConfig) -> str:
     table = cfg.table
-    cols = list(table.columns.items())
+    cols = [(k, h) for k, h in table.columns.items() if h is not None]  # null: dropped by a derived table
     paper_cols = list(table.get("paper_columns") or [])
     shows = list(table.get("show_config") or [])
     header = ["Row", *shows, *[f"{h} (ours)" for _, h in cols], *[f"{c} (paper)" for c in paper_cols]]
@@ -87,7 +87,7 @@ CALIBRATION_COLUMNS = {"reward_mean": "reward", "kl_data": "KL(data)", "kl_path"
 def calibration_section(cfg: DictConfig, cache: dict[str, list[Run]]) -> list[str]:
     """Every run of every swept group, so the weight choice can be checked."""
     lines = []
-    metric_cols = dict(cfg.table.get("calibration_columns") or CALIBRATION_COLUMNS)
+    metric_cols = {k: h for k, h in (cfg.table.get("calibration_columns") or CALIBRATION_COLUMNS).items() if h is not None}
     for group in active_groups(cfg):
         keys = list((cfg.table.groups[group].get("sweep") or {}).keys())
         if not keys:
