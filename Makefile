@@ -7,8 +7,8 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 TABLE := $(PY) scripts/make_table.py
 
-TABLES := qlearning_table3 qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3 \
-          elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian tutorial_table1
+TABLES := qlearning_table3 qlearning_table3_beyond qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3 \
+          elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian exact_gaussian_mixture tutorial_table1
 
 .PHONY: help setup test demo all report readme dashboard bench clean elegant_lr_sweep $(TABLES)
 
@@ -25,12 +25,14 @@ setup: .venv/.installed  ## Create .venv: pinned CPU torch first (no CUDA downlo
 	touch $@
 
 test: setup  ## Run the test suite (closed forms, configs, every method end to end; ~15-20 min on 2 cores)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=20
 
 demo: setup  ## Reduced-budget q-learning Table 3 on the CPU (< 10 min), printed at the end
 	$(TABLE) qlearning_table3_demo
 
 qlearning_table3: setup  ## q-learning paper Table 3: pretrained A, DDPO, DPOK vs q-learning at reward 0.7/0.8/0.9
+	$(TABLE) $@
+qlearning_table3_beyond: setup  ## Beyond Table 3: soft PPO, CTRL, RW-MLE, PCL, value-weighted, SVDD, SMC at reward 0.80 (model A, 1 seed)
 	$(TABLE) $@
 qlearning_table4: setup  ## Table 4: the same from the worse pretrained model B
 	$(TABLE) $@
@@ -53,6 +55,8 @@ elegant_fig2: setup  ## ELEGANT Figure 2: r_hat histograms of ELEGANT for alpha 
 	$(TABLE) $@
 
 exact_gaussian: setup  ## The exact-answer bench: every method on the 1-D Gaussian against its closed-form target
+	$(TABLE) $@
+exact_gaussian_mixture: setup  ## The exact-answer bench, harder case: a 2-D two-mode mixture whose tilt moves mass between modes
 	$(TABLE) $@
 tutorial_table1: setup  ## The RL tutorial's Table 1, measured on TFBind8: reward, KL, memory, wall time, reward queries / gradients
 	$(TABLE) $@

@@ -33,6 +33,11 @@ COMPANIONS = {
     ("true_reward", "tfbind8_exact"): "dataset=tfbind8",
     ("true_reward", "gfp_proxy_oracle"): "dataset=gfp",
     ("backbone", "sequence_transformer"): "dataset=tfbind8",
+    # the exact score of the data mixture: reads dataset.weights / means / stds
+    ("backbone", "mixture_score"): "dataset=gmm2d",
+    ("backbone", "unet2d"): "dataset=digits",
+    ("reward", "digits_classifier"): "dataset=digits",
+    ("true_reward", "digits_classifier"): "dataset=digits",
 }
 
 #: dataset -> what its preset selects
@@ -44,6 +49,10 @@ PRESETS = {
     "gfp": {"reward": "gfp_oracle", "true_reward": "gfp_proxy_oracle", "process": "vp", "backbone": "sequence_transformer"},
     "gaussian1d": {"reward": "quadratic_two", "true_reward": None, "process": "ou", "backbone": "affine_step",
                    "pretrain": None},
+    "gmm2d": {"reward": "quadratic_2d", "true_reward": None, "process": "vp", "backbone": "mixture_score",
+              "pretrain": None},
+    "digits": {"reward": "digits_classifier", "true_reward": "digits_classifier", "process": "vp_eps",
+               "backbone": "unet2d", "pretrain": "digits_score_matching"},
 }
 
 
@@ -128,6 +137,10 @@ def test_a_dataset_brings_its_companions(dataset, extra):
         assert cfg.backbone.dim == cfg.dataset.dim
     elif chosen["backbone"] == "affine_step":  # one affine score per step of the sampler's grid
         assert cfg.backbone.num_steps == cfg.sampler.num_steps and cfg.dataset.dim == 1
+    elif chosen["backbone"] == "unet2d":  # the image's side and channels
+        assert (cfg.backbone.sample_size, cfg.backbone.in_channels) == (cfg.dataset.image_size, cfg.dataset.channels)
+    elif chosen["backbone"] == "mixture_score":  # the exact score of the dataset's own mixture
+        assert (cfg.backbone.weights, cfg.backbone.means) == (cfg.dataset.weights, cfg.dataset.means)
     else:
         assert (cfg.backbone.length, cfg.backbone.vocab_size) == (cfg.dataset.length, cfg.dataset.vocab_size)
 
@@ -189,7 +202,7 @@ def test_flags_say_what_the_methods_need():
     flags = {m: class_flags(compose_config([f"method={m}"]).method, METHOD_FLAGS) for m in METHODS}
     inference_time = {"smc", "smc_twisted", "svdd", "svdd_argmax", "svdd_mc"} | VALUE_WEIGHTED
     assert {m for m, f in flags.items() if not f["fine_tunes"]} == \
-        {"pretrained", "guidance", "exact_optimum", "gaussian_target"} | inference_time
+        {"pretrained", "guidance", "exact_optimum", "gaussian_target", "mixture_target"} | inference_time
     assert {m for m, f in flags.items() if f["needs_differentiable_reward"]} == \
         {"reward_backprop", "nokl", "truncation", "random_k", "elegant", "ctrl", "smc_twisted"} | VALUE_WEIGHTED_GRADIENT
     assert {m for m, f in flags.items() if f["needs_stochastic_sampler"]} == \
@@ -197,7 +210,7 @@ def test_flags_say_what_the_methods_need():
          "pcl_subtrajectory", "pcl_trajectory_balance", "smc", "smc_twisted", "svdd", "svdd_argmax", "svdd_mc",
          "value_weighted_path_integral"}
     assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == \
-        {"qlearning", "qlearning_td", "gaussian_target", "value_weighted_path_integral"}
+        {"qlearning", "qlearning_td", "gaussian_target", "mixture_target", "value_weighted_path_integral"}
     assert {m for m, f in flags.items() if "vectors" not in f["sample_kinds"]} == {"exact_optimum"}
 
 

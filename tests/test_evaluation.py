@@ -32,7 +32,7 @@ def test_default_metrics_per_sample_kind():
     common = ["reward_mean", "reward_true_mean", "kl_path", "kl_init", "kl_div"]
     assert names("vectors") == [*common, "kl_data"]
     assert names("tokens") == [*common[:2], "reward_relaxed_mean", "reward_softmax_mean", *common[2:], "diversity"]
-    assert names("images") == common
+    assert names("images") == [*common, "diversity_pixels", "diversity_features"]
     assert all(isinstance(m, Metric) for m in build_metrics(EVAL.compute, None, "tokens"))
 
 
@@ -87,9 +87,10 @@ def test_every_metric_writes_its_value_and_t_interval():
 
 
 def test_metrics_with_nothing_to_measure_write_nothing():
-    out, _, _ = run_eval("images", {"kl_path": 1.0})  # no genuine reward, no kl_init, no data
+    # no genuine reward, no kl_init, no data, a reward without features (pixel distances remain)
+    out, _, _ = run_eval("images", {"kl_path": 1.0})
     assert sorted(out) == sorted(["n_samples", "reward_mean", "reward_ci95", "kl_path", "kl_path_ci95",
-                                  "kl_div", "kl_div_ci95"])
+                                  "kl_div", "kl_div_ci95", "diversity_pixels", "diversity_pixels_ci95"])
     assert out["kl_div"] == out["kl_path"]
 
 

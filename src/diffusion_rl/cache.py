@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["CODE_VERSION", "cache_key", "cached", "config_text"]
+__all__ = ["CODE_VERSION", "cache_key", "cached", "cached_network", "config_text"]
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +140,23 @@ def cached(kind: str, config: Mapping | DictConfig, cache_dir: str | Path,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed fit, or the copy that lost the race
     return load(entry)
+
+
+def cached_network(kind: str, config: Mapping | DictConfig, cache_dir: str | Path, net: Any,
+                   train: Callable[[Path], dict], name: str) -> tuple[Path, dict]:
+    """:func:`cached` for one fitted network (an oracle, a classifier): ``train(folder)`` fits
+    ``net`` in place (its logs may go to ``folder``) and returns its summary (accuracy, R²,
+    settings); the entry holds ``<name>.pt`` (the state dict) and ``<name>.json`` (the summary). Returns the entry and the summary, and
+    ``net`` holds the entry's weights either way."""
+    import torch  # here: validation imports this module and must stay torch-free
+
+    def fit(folder: Path) -> None:
+        summary = train(folder)
+        (folder / f"{name}.json").write_text(json.dumps(summary, indent=2))
+        torch.save(net.state_dict(), folder / f"{name}.pt")
+
+    def load(folder: Path) -> tuple[Path, dict]:
+        net.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
+        return folder, json.loads((folder / f"{name}.json").read_text())
+
+    return cached(kind, config, cache_dir, fit, load)

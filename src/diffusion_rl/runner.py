@@ -253,7 +253,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         true_reward=None if true_reward is None else true_reward.to(device))
     for name, r in (("oracle", reward), ("true_oracle", true_reward)):
         for key, value in (getattr(r, "summary", None) or {}).items():
-            if key.endswith("r2"):
+            if key.endswith(("r2", "accuracy")):  # an oracle's R², a classifier's accuracy
                 metrics[f"{name}_{key}"] = value  # how far r_hat (and a proxy r) can be trusted
     metrics.update(method.extra_metrics())
     metrics["train_reward_queries"] = train_queries
@@ -270,7 +270,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics[key] = OmegaConf.select(cfg, key)
     check_finite(metrics, "the final evaluation")  # before anything of the evaluation is written
     record_final(loggers, cfg, metrics)  # TensorBoard's HPARAMS tab, W&B's config and summary
-    write_samples(run_dir, samples, rewards, kind, eval_cfg.saved_images)
+    write_samples(run_dir, samples, rewards, kind, eval_cfg.saved_images, getattr(dataset, "pixel_range", (0.0, 1.0)))
     # timing apart from the numbers: the same command gives a byte-identical metrics.json
     (run_dir / "timing.json").write_text(json.dumps({"wall_seconds": time.time() - start}))
     # last: marks the run finished; allow_nan=False: strict JSON, whatever slipped through

@@ -1,6 +1,7 @@
 """The evaluation's samples on disk, per sample kind: ``samples.npy`` (vectors ``[N, d]``
 float32, tokens ``[N, L]`` int64; images: the first ``saved_images`` of ``[N, C, H, W]``
-float32 in [0, 1], plus a ``samples.png`` grid of them) and ``rewards.npy``, the nominal
+float32 mapped from the data's ``pixel_range`` to [0, 1], plus a ``samples.png`` grid of them)
+and ``rewards.npy``, the nominal
 reward of each row of ``samples.npy`` (float32)."""
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ def image_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
     return grid
 
 
-def write_samples(run_dir: Path, samples: Tensor, rewards: Tensor, kind: str, saved_images: int) -> None:
-    """Write ``samples.npy`` and ``rewards.npy`` (and for images ``samples.png``) into ``run_dir``."""
+def write_samples(run_dir: Path, samples: Tensor, rewards: Tensor, kind: str, saved_images: int,
+                  pixel_range: tuple[float, float] = (0.0, 1.0)) -> None:
+    """Write ``samples.npy`` and ``rewards.npy`` (and for images ``samples.png``) into ``run_dir``;
+    images in ``pixel_range`` (the data set's: digits are in [-1, 1]) are written in [0, 1]."""
     x, r = samples.detach().cpu().numpy(), rewards.detach().cpu().numpy()
     if kind == "images":
         # a bounded number: N full-resolution images would not fit on disk
-        x, r = x[:saved_images].astype(np.float32), r[:saved_images]
+        lo, hi = pixel_range
+        x, r = ((x[:saved_images] - lo) / (hi - lo)).astype(np.float32), r[:saved_images]
         imsave(run_dir / "samples.png", image_grid(x))
     else:
         x = x.astype(np.int64 if kind == "tokens" else np.float32)

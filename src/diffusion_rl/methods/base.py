@@ -54,7 +54,7 @@ class FineTuneMethod(L.LightningModule):
     #: whether the method needs log-probabilities of the chain's steps (a stochastic sampler)
     needs_stochastic_sampler: bool = False
     #: the datasets' ``sample_kind`` the method can fine-tune on
-    sample_kinds: tuple[str, ...] = ("vectors", "tokens")
+    sample_kinds: tuple[str, ...] = ("vectors", "tokens", "images")
     #: the overrides a method needs besides ``method=<name>`` to run at all (a bench-only
     #: method's dataset); the end-to-end tests run it with them
     example_overrides: tuple[str, ...] = ()

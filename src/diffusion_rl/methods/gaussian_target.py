@@ -24,28 +24,19 @@ from ..backbones.affine import AffineStepScore
 from ..core.samplers import EulerMaruyama
 from ..core.trajectory import Generation
 from ..evaluation.linear_gaussian import chain_of, fixed_variance_optimum, myopic_kl_equilibrium, tilted_terminal
-from ..rewards.base import QuadraticTarget
-from .pretrained import Pretrained
-
-TARGETS = ("fixed_variance", "myopic", "tilted")
+from .closed_form import ClosedFormTarget
 
 
-class GaussianTarget(Pretrained):
-    sample_kinds = ("vectors",)
+class GaussianTarget(ClosedFormTarget):
+    targets = ("fixed_variance", "myopic", "tilted")
     example_overrides = ("dataset=gaussian1d",)
 
     def __init__(self, *args, target: str = "fixed_variance", kl_weight: float = 1.0, **kw):
-        super().__init__(*args, **kw)
-        if target not in TARGETS:
-            raise ValueError(f"method.target must be one of {'|'.join(TARGETS)} (got {target!r})")
-        if kl_weight <= 0:
-            raise ValueError(f"method.kl_weight must be > 0 (got {kl_weight})")
+        super().__init__(*args, target=target, kl_weight=kl_weight, **kw)
         if not isinstance(self.backbone, AffineStepScore) or not isinstance(self.sampler, EulerMaruyama):
             raise ValueError("method=gaussian_target needs backbone=affine_step and sampler=euler_maruyama "
                              "(the closed forms hold for a linear-Gaussian chain)")
-        if not isinstance(self.reward, QuadraticTarget) or self.reward.target.numel() != 1:
-            raise ValueError("method=gaussian_target needs a 1-D quadratic reward (reward=quadratic)")
-        self.target, self.kl_weight = target, kl_weight
+        self.require_quadratic_reward(1, "quadratic_two")
         _, prior_std = self.sampler.process.marginal_coeffs(torch.tensor(self.sampler.process.T))
         with torch.no_grad():
             self.chain = chain_of(self.sampler, self.reference, prior_var=float(prior_std) ** 2)
@@ -62,9 +53,6 @@ class GaussianTarget(Pretrained):
                 self.target_policy.b.add_((self.means[1] - self.chain.c) / dscore)
         self._lam, self._c = lam, c
 
-    def eval_policy(self):
-        return self.target_policy
-
     def _score_gain(self) -> torch.Tensor:
         """``d mean_k / d score`` of each step (EM: ``g^2 dt``), read off the sampler."""
         x = torch.zeros(1, 1)
@@ -76,26 +64,25 @@ class GaussianTarget(Pretrained):
             gains.append((m1 - m0)[0, 0])
         return torch.stack(gains)
 
-    def exact(self) -> tuple[float, float, float, float]:
-        """Mean, variance, expected reward and KL of the target."""
+    def exact(self) -> dict[str, float]:
         if self.means is not None:
             mean, var = self.chain.terminal(*self.means)
-            return (float(mean), float(var), float(self.chain.expected_reward(*self.means, self._lam, self._c)),
-                    float(self.chain.path_kl(*self.means)))
-        mean, var = tilted_terminal(self.chain, self.kl_weight, self._lam, self._c)
-        pre_mean, pre_var = self.chain.terminal(*self.chain.pretrained())
-        kl = 0.5 * (var / pre_var + (mean - pre_mean) ** 2 / pre_var - 1 - torch.log(var / pre_var))
-        return float(mean), float(var), float(-self._lam * ((mean - self._c) ** 2 + var)), float(kl)
+            reward = self.chain.expected_reward(*self.means, self._lam, self._c)
+            kl = self.chain.path_kl(*self.means)
+        else:
+            mean, var = tilted_terminal(self.chain, self.kl_weight, self._lam, self._c)
+            pre_mean, pre_var = self.chain.terminal(*self.chain.pretrained())
+            kl = 0.5 * (var / pre_var + (mean - pre_mean) ** 2 / pre_var - 1 - torch.log(var / pre_var))
+            reward = -self._lam * ((mean - self._c) ** 2 + var)
+        mean, var, reward, kl = (float(v) for v in (mean, var, reward, kl))
+        return {"exact_mean": mean, "exact_var": var, "exact_reward": reward, "exact_kl": kl,
+                "exact_objective": reward - self.kl_weight * kl}
 
     @torch.no_grad()
     def generate(self, n: int, generator: torch.Generator, cond=None) -> Generation:
         if self.means is not None:  # the optimal chain itself, KL measured along it
             return super().generate(n, generator, cond)
-        mean, var, _, kl = self.exact()
+        exact = self.exact()
+        mean, var, kl = exact["exact_mean"], exact["exact_var"], exact["exact_kl"]
         x = mean + var**0.5 * torch.randn((n, 1), generator=generator, device=generator.device)
         return Generation(x, {"kl_exact": torch.full((n,), kl, device=x.device)})
-
-    def extra_metrics(self) -> dict[str, float]:
-        mean, var, reward, kl = self.exact()
-        return {"exact_mean": mean, "exact_var": var, "exact_reward": reward, "exact_kl": kl,
-                "exact_objective": reward - self.kl_weight * kl}

@@ -13,7 +13,6 @@ scenario where oracles are imperfect." §8.2 then compares ``r_hat`` with the ge
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +21,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ..cache import cached
+from ..cache import cached_network
 from ..data.sequences import SequenceData, one_hot
 from ..data.tfbind8 import TFBind8ExactLookup
 from ..logs import ProgressLines
@@ -260,7 +259,7 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
     settings = dict(data=data.name, rows=len(data), normalize_y=normalize_y, net=repr(net), train_fraction=train_fraction, epochs=epochs,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
 
-    def fit(folder: Path) -> None:
+    def fit(folder: Path) -> dict:
         module = OracleRegression(net, data.tokens, target(data.y), dataset.vocab_size, train_fraction=train_fraction,
                                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
         log.info("fitting oracle on %s (%d rows x %.2f, %d epochs)", data.name, len(data), train_fraction, epochs)
@@ -271,14 +270,9 @@ def trained_oracle(dataset, net: nn.Module, *, cache_dir: str | Path, data: Sequ
         r2 = {"heldout_r2": module.heldout_r2(), **settings}
         # how well r_hat ranks what the pretrained model generates (its training split)
         r2["train_split_r2"] = r2_score(module.net, dataset.train.tokens, target(dataset.train.y), dataset.vocab_size)
-        (folder / "oracle.json").write_text(json.dumps(r2, indent=2))
-        torch.save(net.state_dict(), folder / "oracle.pt")
+        return r2
 
-    def load(folder: Path) -> tuple[Path, dict]:
-        net.load_state_dict(torch.load(folder / "oracle.pt", map_location="cpu", weights_only=True))
-        return folder, json.loads((folder / "oracle.json").read_text())
-
-    folder, summary = cached("oracle", settings, cache_dir, fit, load)
+    folder, summary = cached_network("oracle", settings, cache_dir, net, fit, "oracle")
     reward = OracleReward(net, dataset.vocab_size, offset=dataset.state_offset)
     reward.summary = summary
     log.info("oracle %s: %s", folder, {k: v for k, v in reward.summary.items() if k.endswith("r2")})
