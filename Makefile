@@ -8,7 +8,8 @@ TORCH_INDEX ?=
 TABLE := $(PY) scripts/make_table.py
 
 TABLES := qlearning_table3 qlearning_table3_beyond qlearning_table4 qlearning_table5 qlearning_table6 qlearning_fig1 qlearning_fig3 \
-          elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian exact_gaussian_mixture tutorial_table1
+          elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian exact_gaussian_mixture tutorial_table1 \
+          digits_table digits_fig
 
 .PHONY: help setup test demo all report readme dashboard bench clean elegant_lr_sweep $(TABLES)
 
@@ -64,6 +65,10 @@ tutorial_table1: setup  ## The RL tutorial's Table 1, measured on TFBind8: rewar
 all: $(TABLES)  ## Every CPU table and figure (finished runs are reused), then the README's results section
 	$(PY) scripts/readme_results.py
 
+digits_table: setup  ## Digits (images, CPU): every image method towards log p(3 | x), nominal vs genuine reward, KL, diversity (3 seeds)
+	$(TABLE) $@
+digits_fig: setup  ## Digits: one image grid per method (seed 0), from digits_table's runs (PNG)
+	$(TABLE) $@
 elegant_lr_sweep: setup  ## The lr x batch sweep behind the TFBind8 fine-tuning budget (ELEGANT, alpha = 0.05)
 	$(TABLE) $@
 

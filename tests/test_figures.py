@@ -47,3 +47,25 @@ def test_write_figure(tmp_path, kind, dataset, dim):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "reward_weight" not in line]
     assert [row.split(" | ")[0] for row in rows] == ["| 0.0", "| 0.1", "| 1.0"]  # sorted by the sweep value
     assert "-4.00 ± 0.050" in rows[0] and "—" in rows[2]  # the beta=1 run has no kl_data
+
+
+def test_image_grids_draw_the_lowest_seed_of_each_panel(tmp_path):
+    """``image_grids``: one panel per group from its lowest seed's samples.npy; a group
+    without runs is listed with dashes, not drawn."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=[f"paths.runs_dir={tmp_path / 'runs'}", f"paths.report_dir={tmp_path / 'report'}"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.table = {"name": "grids", "title": "Fake grids", "source": "ours",
+                 "figure": {"kind": "image_grids", "max_images": 16,
+                            "panels": [{"group": "a", "label": "Method A"}, {"group": "empty", "label": "Nothing"}]}}
+    for seed in (1, 0):
+        folder = tmp_path / "runs" / "grids" / "a" / f"seed={seed}"
+        folder.mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({"seed": seed}), folder / "config.yaml")
+        (folder / "metrics.json").write_text(json.dumps({"reward_mean": -1.0 - seed, "reward_ci95": 0.1,
+                                                         "overrides": [f"seed={seed}"]}))
+        np.save(folder / "samples.npy", np.full((20, 1, 8, 8), 0.5, dtype=np.float32))
+    md = write_figure(cfg)
+    assert (tmp_path / "report" / "grids.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| Method A") or line.startswith("| Nothing")]
+    assert rows[0].startswith("| Method A | 0 | -1.00") and rows[1].startswith("| Nothing | — |")

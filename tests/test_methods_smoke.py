@@ -24,8 +24,9 @@ GMM = ["dataset=gmm1d"]
 #: methods that backpropagate the reward: they need a differentiable one (the 1-D example's)
 BACKPROP = {m for m in METHODS if method_class(m).needs_differentiable_reward}
 
-#: the closed-form bench's preset (a method's example_overrides)
-OWN_DATASET = "dataset=gaussian1d"
+#: the closed-form benches' presets (a method's example_overrides) -> the samples' dimension;
+#: both rewards are quadratic, -|x - c|^2
+OWN_DATASETS = {"dataset=gaussian1d": 1, "dataset=gmm2d": 2}
 
 #: run name -> overrides
 RUNS = {
@@ -71,8 +72,9 @@ def test_smoke_run_writes_the_run_contract(smoke_runs, name):
     runs, _ = smoke_runs
     proc, run_dir = runs[name]
     assert proc.returncode == 0, describe(proc)
-    gmm = "gmm1d" in name or name in BACKPROP or OWN_DATASET in RUNS[name]  # 1-D, reward -(x - c)^2
-    dim = 1 if gmm else 2
+    own = next((dim for preset, dim in OWN_DATASETS.items() if preset in RUNS[name]), None)
+    gmm = "gmm1d" in name or name in BACKPROP or own is not None  # reward -|x - c|^2
+    dim = own or (1 if gmm else 2)
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     assert cfg.method._target_ == f"{method_class(cfg_name(name)).__module__}.{method_class(cfg_name(name)).__name__}"
@@ -148,7 +150,7 @@ def test_same_pretrained_backbone_for_every_swiss_roll_run(smoke_runs):
     runs, _ = smoke_runs
     refs = []
     for name, (proc, run_dir) in runs.items():
-        if "gmm1d" in name or name in BACKPROP or "bridge" in name or OWN_DATASET in RUNS[name]:
+        if "gmm1d" in name or name in BACKPROP or "bridge" in name or set(OWN_DATASETS) & set(RUNS[name]):
             continue
         state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
         refs.append({k: v for k, v in state.items() if k.startswith("reference.")})

@@ -22,6 +22,11 @@ by its name), overlaid on one axes (``layout: panels``: one panel each). Several
 value: ``seeds: first`` (default) draws the lowest seed with ``rewards.npy`` (seed 0), ``seeds: pool``
 pools all seeds' rewards. The page lists every run (each seed) with ``columns`` (default
 r̂, r (true), Div, KL-Div).
+
+``image_grids`` (the digits figure) draws, per group, the lowest seed's ``samples.npy`` (images
+in [0, 1]) as one grid panel titled with its ``label`` and numbers::
+
+    figure: {kind: image_grids, panels: [{group: pretrained, label: Pretrained}, ...], max_images: 64}
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from matplotlib.figure import Figure  # the object API renders with Agg: no pypl
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import gaussian_kde
 
+from ..evaluation.samples import image_grid
 from .experiments import Run, collect_runs, fmt
 
 
@@ -203,13 +209,56 @@ def _write_page(cfg: DictConfig, png: Path, body: list[str]) -> Path:
     return md
 
 
+IMAGE_COLUMNS = {"reward_mean": "r̂ (nominal)", "reward_true_mean": "r (genuine)", "kl_div": "KL",
+                 "diversity_features": "Div (features)"}
+
+
+def _write_image_grids(cfg: DictConfig) -> Path:
+    """One panel per ``panels`` entry: the first ``max_images`` images of the lowest seed's
+    ``samples.npy`` of its group, titled with its label, r̂, r and KL."""
+    table, spec = cfg.table, cfg.table.figure
+    n = int(spec.get("max_images", 64))
+    drawn, lines = [], ["| " + " | ".join(["Panel", "seed", *IMAGE_COLUMNS.values()]) + " |",
+                        "|" + "---|" * (len(IMAGE_COLUMNS) + 2)]
+    for panel in spec.panels:
+        runs = sorted((r for r in collect_runs(cfg, panel.group) if (r.folder / "samples.npy").exists()),
+                      key=lambda r: (r.seed is None, r.seed or 0))
+        if not runs:
+            lines.append(f"| {panel.label} | — | " + " | ".join("—" for _ in IMAGE_COLUMNS) + " |")
+            continue
+        run = runs[0]
+        drawn.append((panel.label, run, np.load(run.folder / "samples.npy")[:n]))
+        lines.append("| " + " | ".join([panel.label, str(run.seed), *(fmt(run.metrics, k) for k in IMAGE_COLUMNS)]) + " |")
+    out = Path(cfg.paths.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{table.name}.png"
+    ncols = min(max(len(drawn), 1), 4)
+    nrows = math.ceil(max(len(drawn), 1) / ncols)
+    fig = Figure(figsize=(3.0 * ncols, 3.4 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (label, run, images) in zip(axes, drawn):
+        ax.imshow(image_grid(images), interpolation="nearest")
+        ax.set_title(f"{label}\nr̂ {fmt(run.metrics, 'reward_mean')}, r {fmt(run.metrics, 'reward_true_mean')}, "
+                     f"KL {fmt(run.metrics, 'kl_div')}", fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(drawn):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    return _write_page(cfg, png, ["Each panel: the first images of the lowest seed's evaluation samples.", "", *lines, ""])
+
+
 def write_figure(cfg: DictConfig) -> Path:
     """Draw ``cfg.table.figure`` into ``<report_dir>/<table>.png``; returns the ``.md`` beside it."""
     table, spec = cfg.table, cfg.table.figure
     if spec.kind == "histogram":
         return _write_histogram(cfg)
+    if spec.kind == "image_grids":
+        return _write_image_grids(cfg)
     if spec.kind not in DRAW:
-        raise ValueError(f"table.figure.kind must be {' | '.join([*DRAW, 'histogram'])} (got {spec.kind!r})")
+        raise ValueError(f"table.figure.kind must be {' | '.join([*DRAW, 'histogram', 'image_grids'])} (got {spec.kind!r})")
     n = int(spec.get("max_points", 300))
     name = spec.by.split(".")[-1]
     runs = sorted(collect_runs(cfg, spec.group), key=lambda r: OmegaConf.select(r.config, spec.by))
