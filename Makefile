@@ -11,7 +11,7 @@ TABLES := qlearning_table3 qlearning_table3_beyond qlearning_table4 qlearning_ta
           elegant_table1 elegant_table2 elegant_table3 elegant_fig2 exact_gaussian exact_gaussian_mixture tutorial_table1 \
           digits_table digits_fig
 
-.PHONY: help setup test demo all report readme dashboard bench clean elegant_lr_sweep $(TABLES)
+.PHONY: help setup test demo all report readme dashboard bench clean elegant_lr_sweep elegant_table8 elegant_fig3 elegant_table9 $(TABLES)
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 22
@@ -69,6 +69,16 @@ digits_table: setup  ## Digits (images, CPU): every image method towards log p(3
 	$(TABLE) $@
 digits_fig: setup  ## Digits: one image grid per method (seed 0), from digits_table's runs (PNG)
 	$(TABLE) $@
+# Stable Diffusion 1.5 (GPUs, and local weights: nothing is downloaded). Give the folders and
+# the trainer through ARGS, e.g.
+#   make elegant_table8 ARGS="paths.sd_model=/w/sd15 paths.clip_model=/w/clip-l14 trainer=ddp trainer.devices=4"
+# (or DIFFUSION_RL_SD_MODEL / DIFFUSION_RL_CLIP_MODEL); without them: one error line naming the key.
+elegant_table8: setup  ## ELEGANT Table 8 on SD 1.5 + LAION aesthetics: NO KL, Guidance, PPO + KL, ELEGANT (GPU; paths.sd_model, paths.clip_model)
+	$(TABLE) $@ $(ARGS)
+elegant_fig3: setup  ## ELEGANT Figure 3: SD 1.5 training curves (in Table 8's report) and one image grid per method (GPU)
+	$(TABLE) $@ $(ARGS)
+elegant_table9: setup  ## ELEGANT Table 9: guidance with a Gaussian reward model on SD 1.5, target y x level gamma (GPU)
+	$(TABLE) $@ $(ARGS)
 elegant_lr_sweep: setup  ## The lr x batch sweep behind the TFBind8 fine-tuning budget (ELEGANT, alpha = 0.05)
 	$(TABLE) $@
 
@@ -82,8 +92,9 @@ readme: report  ## Rewrite the README's results section from the reports (script
 dashboard: setup  ## TensorBoard over outputs/ on http://127.0.0.1:6006
 	$(PY) -m tensorboard.main --logdir outputs --host 127.0.0.1 --port 6006
 
-bench: setup  ## Benchmarks -> outputs/bench/*.json (q-learning Tables 3+4 and ELEGANT Table 3 wall time; chain memory; GFP diversity speed)
+bench: setup  ## Benchmarks -> outputs/bench/*.json (q-learning Tables 3+4 and ELEGANT Table 3 wall time; chain memory; GFP diversity speed; the SD step: tiny on the CPU, SD 1.5 size on a GPU)
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_sd.py
 
 clean:  ## Remove runs, caches and reports (keeps .venv)
 	rm -rf outputs/runs outputs/cache outputs/cache_smoke outputs/report outputs/bench

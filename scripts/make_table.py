@@ -13,6 +13,7 @@ from hydra.errors import HydraException
 from diffusion_rl.report.experiments import load_experiment, run_groups
 from diffusion_rl.report.figures import write_figure
 from diffusion_rl.report.tables import write_report
+from diffusion_rl.validation import ConfigError, check_paths
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("experiment")
@@ -25,6 +26,12 @@ try:
 except HydraException as err:  # a bad override or an unknown experiment: one line, before any run
     print(f"error: {' '.join([args.experiment, *args.overrides])}: {str(err).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
+if not args.report_only:
+    try:  # a folder every job would fail on (weights not given: paths.sd_model): one line, before any run
+        check_paths(cfg)
+    except ConfigError as err:
+        print(f"error: {args.experiment}: {err}", file=sys.stderr)
+        sys.exit(2)
 failed = [] if args.report_only else run_groups(cfg, args.overrides)
 # the report is written whatever failed: it marks and lists the cells it lacks
 path = write_figure(cfg) if cfg.table.get("figure") else write_report(cfg)

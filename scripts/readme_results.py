@@ -75,8 +75,11 @@ def render(report_dir: Path, previous: dict[str, str] | None = None) -> str:
             parts += [f"#### {name}", "", f"![{name}](outputs/report/{name}.png)", ""]
         elif previous and name in previous:
             lines = previous[name].splitlines()
+            body = lines[1:]
+            while body and not body[0].strip():  # the blank lines around the old note: one is put back
+                body.pop(0)
             parts += [lines[0], "", f"{KEPT_PREFIX} (this checkout has no `outputs/report/{name}.md`; "
-                      f"`make {name}` regenerates it)._", *lines[1:], ""]
+                      f"`make {name}` regenerates it)._", "", *body, ""]
         else:
             missing.append(name)
     if missing:

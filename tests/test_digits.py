@@ -168,9 +168,13 @@ def test_pairwise_distance_in_pixels_and_features():
 
 # ---------------------------------------------------------------- methods end to end
 
-#: the methods the image task is run with (ELEGANT's image baselines, the tutorial's, the
-#: inference-time samplers); each declares "images" among its sample kinds
-METHODS = ["pretrained", "reward_backprop", "nokl", "elegant", "ddpo", "dpok", "soft_ppo", "rw_mle", "svdd", "smc"]
+#: the methods the image task is run with: every method of the digits table (ELEGANT's image
+#: baselines, the tutorial's, CTRL, the inference-time samplers) and one YAML of every other
+#: method class that declares "images" among its sample kinds (test_every_image_method_class_runs)
+METHODS = ["pretrained", "reward_backprop", "nokl", "truncation", "random_k", "elegant", "ddpo", "dpok",
+           "ppo_kl", "ppo_kl_log_ratio", "soft_ppo", "rw_mle", "rw_mle_offline", "pcl", "ctrl",
+           "ctrl_plain_critic", "guidance", "reward_guidance", "value_weighted", "value_weighted_tweedie", "svdd", "smc",
+           "smc_twisted"]
 N_SAMPLES = 64  # debug=smoke evaluation: 2 batches of 32
 
 
@@ -187,6 +191,15 @@ def digit_runs(tmp_path_factory):
     results = dict(zip(METHODS[:1], run_cli_many([command(METHODS[0])])))
     results.update(zip(METHODS[1:], run_cli_many([command(m) for m in METHODS[1:]], workers=2)))
     return {m: (proc, root / m) for m, proc in results.items()}, cache
+
+
+def test_every_image_method_class_runs():
+    """A new method class that can sample images joins METHODS (its flags say so, not a list)."""
+    from test_configs import options
+
+    image_classes = {method_class(m) for m in options("method")
+                     if "images" in method_class(m).sample_kinds and not method_class(m).example_overrides}
+    assert image_classes == {method_class(m) for m in METHODS}
 
 
 @pytest.mark.parametrize("method", METHODS)

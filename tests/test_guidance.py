@@ -17,7 +17,7 @@ from diffusion_rl.backbones.mlp import MLPBackbone
 from diffusion_rl.core.processes import BrownianBridgeProcess, OUProcess, VPProcess
 from diffusion_rl.core.samplers import EulerMaruyama
 from diffusion_rl.data.toy import GaussianMixture1D, SwissRoll
-from diffusion_rl.methods.guidance import Guidance, GuidedScore, TimeConditionedClassifier
+from diffusion_rl.methods.guidance import ClassifierLogLikelihood, Guidance, GuidedScore, TimeConditionedClassifier
 from diffusion_rl.rewards.base import BoxIndicator, Reward
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*treespec", "ignore:.*does not have many workers",
@@ -99,7 +99,7 @@ def test_guided_score_adds_gamma_times_classifier_log_gradient():
 
     x, s, gamma = torch.randn(5, 3, 4), torch.rand(5), 2.5
     with torch.no_grad():  # as in the shared evaluation
-        guided = GuidedScore(Flat(), classifier, gamma, VPProcess())(x, s)
+        guided = GuidedScore(Flat(), ClassifierLogLikelihood(classifier), gamma, VPProcess())(x, s)
     assert not guided.requires_grad
     # independent autograd: per-sample derivative of log sigmoid(logit) (a Jacobian row each)
     expected = torch.stack([

@@ -46,4 +46,5 @@ def test_a_table_without_a_report_keeps_its_previous_section_marked(tmp_path):
     assert "| X | 1 |" in body and script.KEPT_PREFIX in body
     again = script.render(tmp_path, script.previous_sections(body))  # the mark is not repeated
     assert again.count(script.KEPT_PREFIX) == 1
+    assert again == body, "a kept section is the same at every generation (no blank line added)"
     assert "elegant_table3" not in body.split("Not run on this checkout:")[-1]

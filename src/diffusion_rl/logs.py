@@ -25,6 +25,10 @@ IGNORED_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     # inside Lightning, about torch's pytree API; nothing a user can change
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # the iterations "dataset" (methods/base.py) is iterable on purpose and has no workers
+    r"Your `IterableDataset` has `__len__` defined",
+    # Lightning's own all_gather (per-rank generator states in a DDP checkpoint)
+    r"torch.distributed.nn.functional.all_gather is deprecated",
 )
 
 

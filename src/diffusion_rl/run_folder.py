@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 #: top-level keys that do not change what a run computes
-NEUTRAL_KEYS = ("table", "paths", "skip_completed", "replace_changed", "logger")
+NEUTRAL_KEYS = ("table", "paths", "skip_completed", "replace_changed", "logger", "dashboard")
 #: keys a finished run may be continued with, when the new value is larger
 EXTENSION_KEYS = ("method.iterations",)
 #: files a running Hydra job already holds open in its folder (its log): copied, not moved

@@ -18,17 +18,22 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from . import run_folder
 from .cache import cached
 from .dashboard import build_loggers, record_final
+from .image_grids import training_image_grids
 from .checkpointing import CHECKPOINT_NAME, EpochCheckpoint, check_checkpoint, checkpoint_step
 from .evaluation.evaluate import EvalConfig, build_metrics, evaluate, sample_kind
 from .evaluation.samples import write_samples
@@ -48,9 +53,25 @@ RUNNER_TRAINER_KEYS = ("max_epochs", "logger", "callbacks", "enable_checkpointin
 FIT_TRAINER_KEYS = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
 
 
+def check_local_ddp_sweep(cfg: DictConfig) -> None:
+    """A multi-process DDP job inside a local ``-m`` sweep as one ``ValueError``: Lightning's
+    launcher starts the other ranks by running the same command line again, which here is
+    the whole sweep (a cluster launcher starts every rank itself: allowed)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    strategy = cfg.trainer.get("strategy")
+    ddp = "DDP" in str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy).startswith("ddp")
+    if ddp and str(cfg.trainer.get("devices")) != "1" and "submitit_launcher.SlurmLauncher" not in str(
+            HydraConfig.get().launcher.get("_target_", "")):
+        raise ValueError("trainer=ddp with several devices cannot run inside a local -m sweep (Lightning would start "
+                         "the whole sweep again on every rank): run its jobs one by one, or on SLURM with "
+                         "hydra/launcher=slurm_ddp")
+
+
 def check_trainer(cfg: DictConfig) -> None:
     """An unknown or runner-owned ``trainer.*`` key as one ``ValueError``, before anything is
     written (Lightning itself would only fail when the first trainer is built, mid-run)."""
+    check_local_ddp_sweep(cfg)
     target = get_class(cfg.trainer._target_)
     params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -65,17 +86,26 @@ def check_trainer(cfg: DictConfig) -> None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, epochs: int, loggers: list, checkpoint: bool,
-                  stage: str = "fit") -> L.Trainer:
-    """``cfg.trainer`` (conf/trainer/) instantiated, plus what differs between stages."""
+                  stage: str = "fit", single_device: bool = False, extra_callbacks: list | None = None) -> L.Trainer:
+    """``cfg.trainer`` (conf/trainer/) instantiated, plus what differs between stages;
+    ``single_device``: one device of the configured accelerator, whatever ``devices`` and
+    ``strategy`` say (pretraining: see :func:`pretrained_backbone`)."""
     quiet_libraries()
+    spec, extra = cfg.trainer, {}
+    if single_device:
+        spec = OmegaConf.merge(OmegaConf.masked_copy(spec, [k for k in spec if k not in ("devices", "strategy", "num_nodes")]),
+                               {"devices": 1, "strategy": "auto", "num_nodes": 1})
+        # not SLURM's environment, which a job of several tasks would make refuse one device
+        extra["plugins"] = [LightningEnvironment()]
     # our own epoch-end checkpoint (checkpointing.py) instead of Lightning's ModelCheckpoint,
     # which with save_top_k=0 writes last.ckpt only when training ends (a killed run lost all)
     callbacks = [EpochCheckpoint(run_dir / CHECKPOINT_NAME)] if checkpoint else []
+    callbacks += list(extra_callbacks or [])
     bar = bool(cfg.trainer.get("enable_progress_bar", True)) and interactive()
     if not bar:  # a log file or a table's job: a few progress lines instead of a bar
         callbacks.append(ProgressLines(stage))
-    return instantiate(cfg.trainer, max_epochs=epochs, logger=loggers or False, callbacks=callbacks,
-                       enable_checkpointing=False, default_root_dir=run_dir, enable_progress_bar=bar)
+    return instantiate(spec, max_epochs=epochs, logger=loggers or False, callbacks=callbacks,
+                       enable_checkpointing=False, default_root_dir=run_dir, enable_progress_bar=bar, **extra)
 
 
 def pretrain_config(cfg: DictConfig) -> dict:
@@ -111,7 +141,11 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
                  module.iterations, module.batch_size, module.epochs, folder)
         loggers = [L.pytorch.loggers.CSVLogger(folder, name="", version="")]
         with seeded_global_rng(init_seed, "pretrain"):
-            build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False, stage="pretraining").fit(module)
+            # on one device even under trainer=ddp: the cache key holds no device count, so a
+            # cached backbone must not depend on it (and under DDP each rank would draw the same
+            # data batches); a DDP run's other ranks start later and find it in the cache
+            build_trainer(cfg, folder, module.epochs, loggers, checkpoint=False, stage="pretraining",
+                          single_device=True).fit(module)
         torch.save(backbone.state_dict(), folder / "backbone.pt")
 
     def load(folder: Path):
@@ -165,23 +199,20 @@ def _prepend_csv(earlier: Path, curves: Path, resumed_at: int) -> None:
     earlier.unlink()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Everything after validation. Returns the final metrics."""
-    start = time.time()
-    check_trainer(cfg)
-    # first of all: is the folder this run's? (refused: one line, nothing touched)
-    extendable = class_flags(cfg.method, ("extendable",)).get("extendable", True)
-    claim = run_folder.claim(cfg, run_dir, extendable)
-    log.info("run folder: %s", run_dir)
-    done, last = run_dir / "metrics.json", run_dir / CHECKPOINT_NAME
-    if cfg.get("skip_completed") and claim.finished and claim.kind == "same":
-        log.info("already finished: %s", done)
-        return json.loads(done.read_text())
-    if last.exists():
-        if claim.kind == "new":  # a checkpoint without the config.yaml that says whose it is
-            raise run_folder.RunFolderError(f"{run_dir} holds a {CHECKPOINT_NAME} but no config.yaml, so whose run "
-                                            "it is cannot be checked: give another hydra.run.dir, or delete the folder")
-        check_checkpoint(last)
+@dataclass
+class RunParts:
+    """What a run is made of, built by :func:`build_parts`."""
+    dataset: object
+    reward: object
+    true_reward: object
+    method: L.LightningModule
+    kind: str
+    eval_metrics: list
+
+
+def build_parts(cfg: DictConfig) -> RunParts:
+    """The dataset, rewards and method of ``cfg`` (pretraining and oracle fits, cached, on the
+    way); writes nothing outside the caches."""
     dataset = instantiate(cfg.dataset)  # cheap constructors first: their range checks fail before any write
     true_reward = build_true_reward(cfg)
     process = instantiate(cfg.process)
@@ -195,14 +226,43 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with seeded_global_rng(cfg.seed, "method"):  # the method's own networks (critics, classifiers, ...)
         method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset,
                              seed=cfg.seed, true_reward=true_reward)
+    return RunParts(dataset, reward, true_reward, method, kind, eval_metrics)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Everything after validation. Returns the final metrics."""
+    start = time.time()
+    check_trainer(cfg)
+    # first of all: is the folder this run's? (refused: one line, nothing touched)
+    extendable = class_flags(cfg.method, ("extendable",)).get("extendable", True)
+    # under DDP every rank runs this function: rank 0 owns the folder (a replaced run's move,
+    # config.yaml, the curves), the other ranks only read it. Lightning's launcher starts them
+    # when rank 0 reaches the fit; a cluster's scheduler starts them together, when a follower
+    # may find a folder that rank 0 is replacing: it then stops with the folder error.
+    leader = rank_zero_only.rank == 0
+    claim = run_folder.claim(cfg if leader else OmegaConf.merge(cfg, {"replace_changed": False}), run_dir, extendable)
+    log.info("run folder: %s", run_dir)
+    done, last = run_dir / "metrics.json", run_dir / CHECKPOINT_NAME
+    if cfg.get("skip_completed") and claim.finished and claim.kind == "same":
+        log.info("already finished: %s", done)
+        return json.loads(done.read_text())
+    if last.exists():
+        if claim.kind == "new":  # a checkpoint without the config.yaml that says whose it is
+            raise run_folder.RunFolderError(f"{run_dir} holds a {CHECKPOINT_NAME} but no config.yaml, so whose run "
+                                            "it is cannot be checked: give another hydra.run.dir, or delete the folder")
+        check_checkpoint(last)
+    parts = build_parts(cfg)
+    dataset, reward, true_reward, method = parts.dataset, parts.reward, parts.true_reward, parts.method
+    kind, eval_metrics = parts.kind, parts.eval_metrics
     run_dir.mkdir(parents=True, exist_ok=True)  # every constructor has checked its input by now
-    if claim.kind == "extension":
-        run_folder.begin_extension(run_dir, int(OmegaConf.load(run_dir / "config.yaml").method.iterations))
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+    if leader:
+        if claim.kind == "extension":
+            run_folder.begin_extension(run_dir, int(OmegaConf.load(run_dir / "config.yaml").method.iterations))
+        OmegaConf.save(cfg, run_dir / "config.yaml")
 
     log.info("method %s | sampler %s, %d steps (dt=%.4g) | batch %d | %d iterations = %d epochs x %d | "
              "gradient window %s (k=%d) | samples simulated in training: %d",
-             type(method).__name__, type(sampler).__name__, sampler.num_steps, sampler.dt, method.batch_size,
+             type(method).__name__, type(method.sampler).__name__, method.sampler.num_steps, method.sampler.dt, method.batch_size,
              method.iterations, method.epochs, method.iterations_per_epoch, method.grad_window.kind,
              method.grad_window.k, method.iterations * method.batch_size)
 
@@ -211,12 +271,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         resumed_at = checkpoint_step(last) if last.exists() else 0
         if last.exists():
             log.info("resuming from %s (step %d)", last, resumed_at)
-            if curves.exists():  # Lightning's CSV logger deletes an existing metrics.csv
+            if leader and curves.exists():  # Lightning's CSV logger deletes an existing metrics.csv
                 os.replace(curves, earlier)
         loggers = build_loggers(cfg, run_dir)
-        trainer = build_trainer(cfg, run_dir, method.epochs, loggers, checkpoint=True, stage="fine-tuning")
+        trainer = build_trainer(cfg, run_dir, method.epochs, loggers, checkpoint=True, stage="fine-tuning",
+                                extra_callbacks=training_image_grids(cfg, kind, dataset))
         with seeded_global_rng(cfg.seed, "finetune"):  # methods draw from their own generators; this covers the rest
             trainer.fit(method, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+        costs = method.training_costs()  # summed over the ranks (a collective: before rank 0 goes on alone)
         if not trainer.is_global_zero:  # under DDP, rank 0 alone evaluates and writes
             return {}
         if earlier.exists():
@@ -226,10 +288,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loggers = build_loggers(cfg, run_dir)  # no curves: the dashboards get the final numbers only
         # the device a fit would use (Pretrained rows evaluate where the others do); nothing is fitted
         device = build_trainer(cfg, run_dir, 0, [], checkpoint=False).strategy.root_device
-        torch.save({"state_dict": method.state_dict()}, last)
-
+        state = method.state_dict()
+        for key in method.weights_from_source_keys():  # as in a fitted run's checkpoint
+            state.pop(key)
+        torch.save({"state_dict": state}, last)
+        costs = method.training_costs()
     # what a method costs in reward evaluations (black-box budgets) and reward gradients
-    train_queries, train_gradient_rows = method.reward_queries, method.reward_gradient_rows
+    train_queries, train_gradient_rows = costs["reward_queries"], costs["reward_gradient_rows"]
     method.to(device).eval()
     eval_cfg = EvalConfig(**cfg.eval.metrics)
     # the evaluation's two streams, by the project's rule: chain noise on the device, data draws
@@ -258,7 +323,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics.update(method.extra_metrics())
     metrics["train_reward_queries"] = train_queries
     metrics["sampling_reward_queries_per_sample"] = sampling_queries / metrics["n_samples"]
-    metrics["train_saved_for_backward_mb"] = method.saved_for_backward_peak / 2**20
+    metrics["train_saved_for_backward_mb"] = costs["saved_for_backward_peak"] / 2**20
     metrics["train_reward_gradient_rows"] = train_gradient_rows
     metrics["sampling_reward_gradient_rows_per_sample"] = sampling_gradient_rows / metrics["n_samples"]
     trained = method.trained_parameter_counts()

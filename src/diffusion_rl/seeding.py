@@ -19,6 +19,15 @@ def derive_seed(seed: int, *roles: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
+def chain_seed(seed: int, rank: int = 0) -> int:
+    """The seed of a fine-tuning method's chain-noise generator on DDP rank ``rank``.
+
+    Rank 0 (every single-process run) keeps the run's ``seed`` itself, so a one-device run's
+    numbers are what they were; the other ranks derive theirs (``seed + rank`` would give rank
+    1 of seed 0 the chains of rank 0 of seed 1, and a sweep's seeds would share chains)."""
+    return int(seed) if rank == 0 else derive_seed(seed, "chains", rank)
+
+
 @contextmanager
 def seeded_global_rng(seed: int, *roles: object) -> Iterator[None]:
     """Run a block on a fork of torch's global CPU generator seeded with ``derive_seed(seed, *roles)``.

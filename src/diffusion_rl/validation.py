@@ -18,11 +18,14 @@ import functools
 import math
 import operator
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .local_weights import check_weights_dir
 
 #: key name -> (predicate, phrase). Applied to every key of that name anywhere in the config.
 RULES = {
@@ -545,7 +548,9 @@ def check_output_dir(key: str, path) -> None:
 def check_paths(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for a folder the run would fail on after seconds or hours of
     work: a cache it cannot write (``paths.cache_dir``, any ``cache_dir``) or a data folder
-    (``data_dir``) that does not exist, naming ``paths.*`` when the value comes from it."""
+    (``data_dir``) that does not exist, or local weights (``weights_dir``) not given, naming
+    ``paths.*`` when the value comes from it."""
+    missing_weights = []
     for path, key, value in _walk(cfg):
         if key == "cache_dir" and value is not None:
             problem = _probe_writable(Path(str(value)))
@@ -558,6 +563,16 @@ def check_paths(cfg: DictConfig) -> None:
                 raise ConfigError(f"paths.data_dir: no folder {Path(cfg.paths.data_dir).absolute()} (the shared "
                                   f"data, which {path} reads; set paths.data_dir or DIFFUSION_RL_DATA_DIR)")
             raise ConfigError(f"{named}: no folder {Path(value).absolute()} (the data {path} reads)")
+        elif key == "weights_dir":  # pretrained weights from a local folder (local_weights.py)
+            named = re.search(r"\$\{(paths\.[\w.]+)\}", str(_raw(cfg, path)))
+            component = path.rsplit(".", 1)[0]
+            target = str(OmegaConf.select(cfg, f"{component}._target_") or "?").rsplit(".", 1)[-1]
+            try:
+                check_weights_dir(value, named.group(1) if named else path, f"the weights {component} ({target}) loads")
+            except FileNotFoundError as err:
+                missing_weights.append(str(err))
+    if missing_weights:  # every folder still to give, in one line: the backbone's first
+        raise ConfigError("; ".join(sorted(missing_weights, key=lambda m: "backbone" not in m)))
 
 
 # ------------------------------------------------------------------ all of them

@@ -15,10 +15,15 @@ from typing import Any, Iterator
 
 from torch import Tensor, nn
 
+from ..core.conditioning import ConditionSource, Unconditional
+
 
 class Backbone(nn.Module):
     #: shape of one sample, e.g. (2,) for the Swiss roll, (L, V) for one-hot sequences
     event_shape: tuple[int, ...]
+    #: whether a method may deep-copy it (ELEGANT's initial control starts from a copy); not a
+    #: billion-parameter UNet
+    copyable: bool = True
 
     def forward(self, x: Tensor, s: Tensor, cond: Any = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -34,5 +39,17 @@ class Backbone(nn.Module):
         return ref
 
     def decode(self, x: Tensor) -> Tensor:
-        """Final state → what a reward reads (identity for vectors)."""
+        """Final state → the sample the evaluation reports (identity for vectors; tokens for
+        sequences)."""
         return x
+
+    def render(self, x: Tensor) -> Tensor:
+        """Final state → the reward's input, differentiably (what reward gradients flow
+        through): the state itself here (a relaxed one-hot sequence, pixels); a latent
+        diffusion model's decoder."""
+        return x
+
+    def condition_source(self) -> ConditionSource:
+        """Where chains get the conditioning this backbone reads (a text-to-image backbone's
+        prompts); none for the unconditional tasks."""
+        return Unconditional()

@@ -43,17 +43,46 @@ def repeat_cond(cond: Cond, times: int) -> Cond:
     return {name: value.repeat(times, *([1] * (value.dim() - 1))) for name, value in cond.items()}
 
 
-class ConditionSource:
-    """Where a method's chains get their conditioning: ``sample(n, generator, device) -> Cond``.
-    The source draws on ``generator``'s own device (training passes the method's CPU
-    ``data_generator``, the evaluation its chain generator) and returns tensors on ``device``."""
+#: what a condition source is asked for: a training batch, or the evaluation's chains
+SPLITS = ("train", "eval")
 
-    def sample(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Cond:
+
+class ConditionSource:
+    """Where a method's chains get their conditioning: ``sample(n, generator, device, split)
+    -> Cond``. The source draws on ``generator``'s own device (training passes the method's CPU
+    ``data_generator``, the evaluation its chain generator) and returns tensors on ``device``;
+    ``split`` says whether the chains are a training batch or the evaluation's (text-to-image
+    runs train and evaluate on different prompts)."""
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu",
+               split: str = "train") -> Cond:
         raise NotImplementedError
 
 
 class Unconditional(ConditionSource):
     """The unconditional tasks (toy data, sequences)."""
 
-    def sample(self, n, generator, device="cpu") -> Cond:
+    def sample(self, n, generator, device="cpu", split="train") -> Cond:
         return None
+
+
+class PromptSource(ConditionSource):
+    """Prompts as rows of a backbone's embedding table: ``{"prompt": [B] long}``. Rows
+    ``0 .. num_train-1`` are the training prompts, drawn uniformly with replacement; the
+    ``num_eval`` rows after them are the evaluation prompts, which the evaluation's chains
+    cycle through in order (chain ``i`` gets evaluation prompt ``i mod num_eval``), so an
+    evaluation is the same prompts whatever the run."""
+
+    def __init__(self, num_train: int, num_eval: int):
+        if num_train < 1 or num_eval < 1:
+            raise ValueError(f"a prompt source needs training and evaluation prompts (got {num_train}, {num_eval})")
+        self.num_train, self.num_eval = int(num_train), int(num_eval)
+
+    def sample(self, n, generator, device="cpu", split="train") -> Cond:
+        if split == "train":
+            rows = torch.randint(0, self.num_train, (n,), generator=generator, device=generator.device)
+        elif split == "eval":
+            rows = self.num_train + torch.arange(n) % self.num_eval
+        else:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
+        return {"prompt": rows.to(device)}

@@ -134,6 +134,14 @@ class Reward(Metric):
         return None if s.true_reward is None else s.batch_means(s.true_reward(s.x))
 
 
+class RewardStd(Metric):
+    """Standard deviation of ``r_hat`` over the images of a batch (ELEGANT Table 9's
+    "Reward (std)": the spread of the scores, not an uncertainty of their mean)."""
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        return s.rewards.double().reshape(s.cfg.num_batches, s.cfg.batch_size).std(1)
+
+
 class RelaxedReward(Metric):
     """``r_hat`` of the final *state* of a sequence chain, before decoding: the relaxed
     one-hot point itself (``projection: none``, what reward backpropagation maximises) or its
@@ -179,6 +187,18 @@ class KLDiv(Metric):
 
     def batch_values(self, s: EvalSamples) -> Tensor | None:
         return kl_div_batches(s)
+
+
+class KLDivPerDim(Metric):
+    """:class:`KLDiv` divided by the dimension of the chain's state (16,384 for SD 1.5's
+    4x64x64 latents): the units of ELEGANT's image experiment, whose public code logs the mean
+    of the per-step KL over latent dimensions (METHODS_SPEC §3.2)."""
+
+    needs_states = True
+
+    def batch_values(self, s: EvalSamples) -> Tensor | None:
+        total = kl_div_batches(s)
+        return None if total is None or s.states is None else total / s.states[0].numel()
 
 
 def kl_div_batches(s: EvalSamples) -> Tensor | None:

@@ -18,20 +18,23 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..core.conditioning import ConditionSource, Unconditional
+from ..core.conditioning import ConditionSource
 from ..core.samplers import GradWindow, Sampler
 from ..core.trajectory import Generation, Trajectory
 from ..evaluation.diversity import mean_pairwise_levenshtein
 from ..rewards.base import Reward
-from ..seeding import derive_seed
+from ..distributed import mean_of_logs, sync_gradients
+from ..seeding import chain_seed, derive_seed
 
 
 class DivergenceError(ValueError):
     """A non-finite loss or metric: the run stops (a number of a diverged run is no result)."""
 
 
-class _Iterations(torch.utils.data.Dataset):
-    """A "dataset" of iteration indices: rollouts generate their own data."""
+class _Iterations(torch.utils.data.IterableDataset):
+    """A "dataset" of iteration indices: rollouts generate their own data. Iterable, so that
+    under DDP Lightning adds no ``DistributedSampler``: that would split the indices between
+    the ranks and run ``iterations / world_size`` iterations; every rank runs all of them."""
 
     def __init__(self, n: int):
         self.n = n
@@ -39,8 +42,8 @@ class _Iterations(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
-    def __getitem__(self, i):
-        return i
+    def __iter__(self):
+        return iter(range(self.n))
 
 
 class FineTuneMethod(L.LightningModule):
@@ -67,7 +70,7 @@ class FineTuneMethod(L.LightningModule):
                  grad_window: dict | None = None, checkpoint_steps: bool = False, dataset=None,
                  max_grad_norm: float | None = None, true_reward: Reward | None = None,
                  condition_source: ConditionSource | None = None, lr_decay_at: float | None = None,
-                 lr_decay_factor: float = 0.1):
+                 lr_decay_factor: float = 0.1, weight_decay: float = 0.0):
         super().__init__()
         for key, v in (("iterations", iterations), ("batch_size", batch_size), ("iterations_per_epoch", iterations_per_epoch)):
             if v < 0 or (v == 0 and key != "iterations"):
@@ -83,7 +86,10 @@ class FineTuneMethod(L.LightningModule):
             raise ValueError(f"method.lr_decay_at must be a fraction in [0, 1] or null (got {lr_decay_at})")
         if lr_decay_factor <= 0:
             raise ValueError(f"method.lr_decay_factor must be > 0 (got {lr_decay_factor})")
+        if weight_decay < 0:
+            raise ValueError(f"method.weight_decay must be >= 0 (got {weight_decay})")
         self.lr_decay_at, self.lr_decay_factor = lr_decay_at, lr_decay_factor
+        self.weight_decay = float(weight_decay)
         self.automatic_optimization = False
         self.backbone = backbone
         self.reference = backbone.frozen_reference()
@@ -94,7 +100,7 @@ class FineTuneMethod(L.LightningModule):
         self.checkpoint_steps = checkpoint_steps
         self.max_grad_norm = max_grad_norm
         # prompts for text-to-image backbones; the unconditional tasks draw nothing
-        self.condition_source = condition_source or Unconditional()
+        self.condition_source = condition_source or backbone.condition_source()
         self.seed = seed
         # sequences decode through their task (GFP states are differences from the wild type)
         self.decode = getattr(dataset, "decode", None) or backbone.decode
@@ -123,42 +129,74 @@ class FineTuneMethod(L.LightningModule):
     # shaped like the chain's tensors) comes from ``generator``, which lives on the module's
     # device; draws made on the CPU — data-set rows, random-K windows, index sets — come from
     # ``data_generator``, always a CPU generator. Torch refuses a CUDA generator for a CPU
-    # draw (and vice versa), so mixing them would work on the CPU and fail on a GPU. Both are
-    # offset by rank (under DDP every process simulates different chains) and saved in
-    # checkpoints, so a resumed run continues both streams.
+    # draw (and vice versa), so mixing them would work on the CPU and fail on a GPU. Both
+    # depend on the rank (under DDP every process simulates different chains: seeding.py) and
+    # are saved in checkpoints, each rank's own, so a resumed run continues every stream.
     @property
     def generator(self) -> torch.Generator:
         if self._generator is None:
-            self._generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
-            if self._pending_states.get("generator_state") is not None:
-                self._generator.set_state(self._pending_states["generator_state"])
+            self._generator = torch.Generator(device=self.device).manual_seed(chain_seed(self.seed, self.global_rank))
+            self._restore("generator_state", self._generator)
         return self._generator
 
     @property
     def data_generator(self) -> torch.Generator:
         if self._data_generator is None:
             self._data_generator = torch.Generator().manual_seed(derive_seed(self.seed, "data", self.global_rank))
-            if self._pending_states.get("data_generator_state") is not None:
-                self._data_generator.set_state(self._pending_states["data_generator_state"])
+            self._restore("data_generator_state", self._data_generator)
         return self._data_generator
 
+    def _restore(self, key: str, generator: torch.Generator) -> None:
+        """A checkpointed stream: this rank's (a DDP checkpoint holds one per rank); a state
+        saved by a run on another number of ranks is taken by rank 0 only (the others would
+        replay rank 0's chains), the other ranks start their streams afresh."""
+        by_rank = self._pending_states.get(key + "s_by_rank")
+        if by_rank is not None and len(by_rank) == self.world_size():
+            generator.set_state(by_rank[self.global_rank].clone())
+        elif self._pending_states.get(key) is not None and self.global_rank == 0:
+            generator.set_state(self._pending_states[key])
+
+    def weights_from_source_keys(self) -> list[str]:
+        """state_dict keys that a checkpoint leaves out: the weights of a component that loads
+        them from its own files (``weights_from_source``: Stable Diffusion, CLIP) and that
+        fine-tuning does not train — a 3.4 GB UNet is not copied into every ``last.ckpt``."""
+        keys = []
+        for name, module in self.named_children():
+            if getattr(module, "weights_from_source", False):
+                trained = {n for n, p in module.named_parameters() if p.requires_grad}
+                keys += [f"{name}.{k}" for k in module.state_dict() if k not in trained]
+        return keys
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key in self.weights_from_source_keys():
+            checkpoint["state_dict"].pop(key, None)
         checkpoint["saved_for_backward_peak"] = self.saved_for_backward_peak
         checkpoint["reward_queries"] = self.reward_queries
         checkpoint["reward_gradient_rows"] = self.reward_gradient_rows
         checkpoint["stepped_parameter_names"] = sorted(self.stepped_parameter_names)
-        checkpoint["generator_state"] = self.generator.get_state()
-        checkpoint["data_generator_state"] = self.data_generator.get_state()
+        # rank 0's streams (what a single-process run reads) and, under DDP, every rank's
+        # (each rank writes the same checkpoint dict; rank 0's is the one saved)
+        for key, generator in (("generator_state", self.generator), ("data_generator_state", self.data_generator)):
+            checkpoint[key] = generator.get_state()
+            if self.world_size() > 1:
+                strategy = self.trainer.strategy  # NCCL gathers device tensors only
+                checkpoint[key + "s_by_rank"] = strategy.all_gather(generator.get_state().to(strategy.root_device)).cpu()
         # the global stream too (the run's fork of it, runner.py): whatever draws from it
         # (dropout, a library) continues as in an uninterrupted run
         checkpoint["global_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # (Lightning calls this before loading the state_dict) the weights a checkpoint left
+        # out are this module's own, loaded from their source: strict loading still checks the rest
+        own = self.state_dict()
+        for key in self.weights_from_source_keys():
+            checkpoint["state_dict"].setdefault(key, own[key])
         self.saved_for_backward_peak = int(checkpoint.get("saved_for_backward_peak", 0))
         self.reward_queries = int(checkpoint.get("reward_queries", 0))
         self.reward_gradient_rows = int(checkpoint.get("reward_gradient_rows", 0))
         self.stepped_parameter_names = set(checkpoint.get("stepped_parameter_names", []))
-        self._pending_states = {k: checkpoint.get(k) for k in ("generator_state", "data_generator_state")}
+        self._pending_states = {k: checkpoint.get(k) for k in ("generator_state", "data_generator_state",
+                                                               "generator_states_by_rank", "data_generator_states_by_rank")}
         self._generator = self._data_generator = None
         if checkpoint.get("global_rng_state") is not None:
             torch.set_rng_state(checkpoint["global_rng_state"])
@@ -168,14 +206,17 @@ class FineTuneMethod(L.LightningModule):
     def epochs(self) -> int:
         return -(-self.iterations // self.iterations_per_epoch)
 
-    def rollout(self, policy=None, *, with_reference: bool = True, grad: bool = False, **kw) -> Trajectory:
-        """A batch of chains from the current backbone (or ``policy``), recording KL to the
-        pretrained chain; gradients flow through the configured window when ``grad``."""
+    def rollout(self, policy=None, *, with_reference: bool = True, grad: bool = False, batch_size: int | None = None,
+                **kw) -> Trajectory:
+        """A batch of chains (``batch_size``, default the method's) from the current backbone
+        (or ``policy``), recording KL to the pretrained chain; gradients flow through the
+        configured window when ``grad``."""
+        n = batch_size or self.batch_size
         if "cond" not in kw:
-            kw["cond"] = self.condition_source.sample(self.batch_size, self.data_generator, self.device)
+            kw["cond"] = self.condition_source.sample(n, self.data_generator, self.device)
         with torch.set_grad_enabled(grad):
             traj = self.sampler.rollout(
-                policy or self.backbone, self.batch_size, generator=self.generator,
+                policy or self.backbone, n, generator=self.generator,
                 event_shape=self.backbone.event_shape, reference=self.reference if with_reference else None,
                 grad_window=self.grad_window if grad else None, window_generator=self.data_generator,
                 checkpoint_steps=self.checkpoint_steps, device=self.device, **kw)
@@ -183,7 +224,13 @@ class FineTuneMethod(L.LightningModule):
         return traj
 
     def score_samples(self, x: Tensor) -> Tensor:
+        """r_hat of final states as the evaluation scores them (decoded: tokens, pixels)."""
         return self.reward(self.decode(x))
+
+    def reward_of_state(self, x: Tensor) -> Tensor:
+        """r_hat read from a state differentiably (the relaxed one-hot sequence itself; a
+        latent model's decoded pixels): what reward gradients flow through."""
+        return self.reward(self.backbone.render(x))
 
     @torch.no_grad()
     def sample_stats(self, final: Tensor) -> dict[str, float]:
@@ -204,13 +251,41 @@ class FineTuneMethod(L.LightningModule):
         self.clip_and_step(opt)
 
     def clip_and_step(self, opt) -> None:
-        """Gradient-norm clipping (``max_grad_norm``) and the step, after one or several backwards."""
+        """Under DDP the ranks' mean gradient (distributed.py: once per step, whatever the
+        number of backwards before it), then gradient-norm clipping (``max_grad_norm``, of
+        that mean) and the step."""
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if self.world_size() > 1:
+            self.sync_gradients(params)
         if self.max_grad_norm is not None:
-            params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         stepped = {id(p) for g in opt.param_groups for p in g["params"] if p.grad is not None}
         self.stepped_parameter_names.update(n for n, p in self.named_parameters() if id(p) in stepped)
         opt.step()
+
+    # --- data parallelism (trainer=ddp; distributed.py) --------------------------------------
+    def world_size(self) -> int:
+        """Processes training this module together (1 outside a DDP fit)."""
+        return 1 if self._trainer is None else self._trainer.world_size
+
+    def mean_over_ranks(self, tensor: Tensor) -> Tensor:
+        """The ranks' mean of ``tensor`` (a collective: every rank calls it), on the tensor's
+        device. It travels on the strategy's device: NCCL reduces CUDA tensors only, and after
+        the fit Lightning has moved the module to the CPU."""
+        strategy = self.trainer.strategy
+        return strategy.reduce(tensor.to(strategy.root_device), reduce_op="mean").to(tensor.device)
+
+    def sync_gradients(self, params) -> None:
+        sync_gradients(params, self.mean_over_ranks)
+
+    def training_costs(self) -> dict[str, int]:
+        """Reward queries and reward-gradient rows of the whole fit (summed over the ranks) and
+        the peak bytes saved for one backward (one rank's); a collective under DDP."""
+        costs = {"reward_queries": self.reward_queries, "reward_gradient_rows": self.reward_gradient_rows}
+        if self.world_size() > 1:
+            total = self.mean_over_ranks(torch.tensor(list(costs.values()), dtype=torch.float64, device=self.device))
+            costs = {k: round(float(v) * self.world_size()) for k, v in zip(costs, total)}
+        return {**costs, "saved_for_backward_peak": self.saved_for_backward_peak}
 
     def update(self) -> dict[str, float]:  # pragma: no cover
         """One iteration; returns scalars to log (``reward``, ``kl_path``, losses, …)."""
@@ -227,7 +302,7 @@ class FineTuneMethod(L.LightningModule):
         :meth:`eval_policy` on the configured sampler. Methods that are not one chain
         (ELEGANT's two chains, particle samplers, value-guided sampling) override it."""
         if cond is None:
-            cond = self.condition_source.sample(n, generator, generator.device)
+            cond = self.condition_source.sample(n, generator, generator.device, split="eval")
         traj = self.sampler.rollout(self.eval_policy(), n, generator=generator, event_shape=self.backbone.event_shape,
                                     cond=cond, reference=self.reference, device=generator.device)
         return Generation(traj.final, {"kl_path": traj.path_kl()})
@@ -238,8 +313,16 @@ class FineTuneMethod(L.LightningModule):
         return {}
 
     # --- Lightning plumbing ----------------------------------------------------------------
+    def build_policy_optimizer(self) -> torch.optim.Optimizer:
+        """The fine-tuned weights' optimiser: Adam, or AdamW (decoupled decay) with a
+        ``weight_decay`` (ELEGANT's image experiment: AdamW, 0.1 in the public code)."""
+        params = self.backbone.trainable_parameters()
+        if self.weight_decay > 0:
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr)
+
     def configure_optimizers(self):
-        return torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr)
+        return self.build_policy_optimizer()
 
     def train_dataloader(self):
         # a generator of its own: without one every epoch's iterator draws a seed from the global RNG
@@ -297,6 +380,8 @@ class FineTuneMethod(L.LightningModule):
         if self._last_final is not None:
             logs.update(self.sample_stats(self._last_final))
         logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+        if self.world_size() > 1:  # the curves are of all ranks' chains, not rank 0's
+            logs = mean_of_logs(logs, self.mean_over_ranks, self.device)
         diverged = [k for k, v in logs.items() if not math.isfinite(v)]
         if diverged:
             raise DivergenceError(

@@ -82,7 +82,7 @@ class CTRL(PolicyGradientMethod):
 
     # --- the critic ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        return [torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr),
+        return [self.build_policy_optimizer(),
                 torch.optim.Adam(self.critic.parameters(), lr=self.value_lr)]
 
     def policy_optimizer(self):
@@ -107,7 +107,7 @@ class CTRL(PolicyGradientMethod):
         x0 = self.sampler.process.denoise(x, s, denoiser(x, s, cond))
         end = (s <= self._t_end).reshape(-1, *([1] * (x.dim() - 1)))
         x0 = torch.where(end, x, x0)  # V(x, s_K) = w r(x) exactly, also where t_min > 0 (VP)
-        return c_skip * self.reward_weight * self.reward(x0)
+        return c_skip * self.reward_weight * self.reward_of_state(x0)
 
     def value(self, x: Tensor, s: Tensor, cond=None, skip: Tensor | None = None) -> Tensor:
         """``V_phi(x, s)`` ``[N]`` for states ``x [N, *E]`` at times ``s [N]``."""

@@ -44,10 +44,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.conditioning import index_cond
 from ..core.processes import StationaryOUProcess
 from ..core.samplers import EulerMaruyama, GradWindow
 from ..core.trajectory import Generation
-from ..nets import FlatMLP
+from ..nets import FlatMLP, TimeConditionedMLP
 from .reward_backprop import RewardBackprop
 
 PHASES = ("value", "initial", "drift")
@@ -63,6 +64,18 @@ class InitialControl(nn.Module):
 
     def forward(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
         return self.process.stationary_score(x) + self.gain * self.net(x, s, cond)
+
+
+class SmallScoreNet(nn.Module):
+    """``(x [B, *E], s) -> [B, *E]``: an MLP on ``[flatten(x), time features]``, the initial
+    control's network where copying the backbone is out of the question (a UNet)."""
+
+    def __init__(self, event_shape: Sequence[int], hidden: Sequence[int], time_scale: float):
+        super().__init__()
+        self.net = TimeConditionedMLP(event_shape, hidden, time_scale=time_scale, out_dim=math.prod(event_shape))
+
+    def forward(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
+        return self.net(x, s).reshape(x.shape)
 
 
 class StationaryReference(nn.Module):
@@ -82,20 +95,32 @@ class ELEGANT(RewardBackprop):
     def __init__(self, *args, kl_weight: float, iterations: int, value_fraction: float = 0.2,
                  initial_fraction: float = 0.2, initial_steps: int = 10, initial_T: float = 1.0,
                  value_hidden: Sequence[int] = (256, 256), value_lr: float = 1e-3, initial_lr: float = 1e-3,
-                 value_target: str = "mean", value_continuations: int = 64, **kw):
+                 value_target: str = "mean", value_continuations: int = 64, initial_network: str = "copy",
+                 initial_hidden: Sequence[int] = (256, 256), **kw):
         if kl_weight <= 0:
             raise ValueError(f"method.kl_weight (ELEGANT's alpha) must be > 0 (got {kl_weight}); 0 is method=nokl")
         if value_target not in ("mean", "soft"):
             raise ValueError(f"method.value_target must be mean | soft (got {value_target!r})")
         if value_continuations < 1:
             raise ValueError(f"method.value_continuations must be >= 1 (got {value_continuations})")
-        if not (0 < value_fraction and 0 <= initial_fraction and value_fraction + initial_fraction < 1):
-            raise ValueError("method.value_fraction > 0, method.initial_fraction >= 0 and their sum < 1 required "
+        # value_fraction 0 = no value stage, allowed only without the initial stage that reads it
+        # (the drift stage alone: the authors' public image code)
+        if not (0 <= value_fraction and 0 <= initial_fraction and value_fraction + initial_fraction < 1
+                and (value_fraction > 0 or initial_fraction == 0)):
+            raise ValueError("method.value_fraction >= 0, method.initial_fraction >= 0, their sum < 1 and "
+                             "value_fraction > 0 when initial_fraction > 0 required "
                              f"(got {value_fraction}, {initial_fraction})")
+        if initial_network not in ("copy", "small"):
+            raise ValueError(f"method.initial_network must be copy or small (got {initial_network!r})")
+        backbone = args[0] if args else kw.get("backbone")
+        if initial_fraction > 0 and initial_network == "copy" and not getattr(backbone, "copyable", True):
+            raise ValueError(f"method.initial_network=copy would deep-copy {type(backbone).__name__}: use "
+                             "+method.initial_network=small, or method.initial_fraction=0 method.value_fraction=0 "
+                             "(the drift stage alone, as the authors' public image code)")
         kw.setdefault("grad_window", {"kind": "all"})  # stage 3 backpropagates through the whole chain
         super().__init__(*args, iterations=iterations, reward_weight=1.0, kl_weight=kl_weight, **kw)
         # stage budgets: shares of `iterations`, at least one iteration each (drift gets the rest)
-        n_value = max(1, round(value_fraction * iterations))
+        n_value = max(1, round(value_fraction * iterations)) if value_fraction > 0 else 0
         n_initial = max(1, round(initial_fraction * iterations)) if initial_fraction > 0 else 0
         if iterations > 0 and n_value + n_initial >= iterations:
             raise ValueError(f"method.iterations={iterations} leaves no drift-control iterations after "
@@ -104,11 +129,18 @@ class ELEGANT(RewardBackprop):
         self.phase_ends = (n_value, n_value + n_initial, self.iterations)
         self.value_lr, self.initial_lr = value_lr, initial_lr
         self.value_target, self.value_continuations = value_target, value_continuations
-        self.value_net = FlatMLP(self.backbone.event_shape, value_hidden)  # v(x_0) -> [B]
+        # only the stages that run get networks (a drift-only run on a UNet builds none)
+        self.value_net = FlatMLP(self.backbone.event_shape, value_hidden) if n_value else None  # v(x_0) -> [B]
         _, prior_std = self.sampler.process.marginal_coeffs(torch.tensor(self.sampler.process.T))
         init_process = StationaryOUProcess(T=initial_T, std=float(prior_std))
         self.initial_sampler = EulerMaruyama(init_process, initial_steps)
-        self.initial_control = InitialControl(copy.deepcopy(self.backbone), init_process)
+        self.initial_control = None
+        if n_initial:
+            # the pretrained network as the initial control's start (vectors, sequences), or a
+            # small MLP (images: a UNet is never copied)
+            net = (copy.deepcopy(self.backbone) if initial_network == "copy" else
+                   SmallScoreNet(self.backbone.event_shape, initial_hidden, self.sampler.process.time_scale))
+            self.initial_control = InitialControl(net, init_process)
         self.initial_reference = StationaryReference(init_process)
         # which iteration we are at, saved in checkpoints: a resumed run re-enters its stage
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
@@ -123,9 +155,21 @@ class ELEGANT(RewardBackprop):
         return self.phase_ends[1] > self.phase_ends[0]
 
     def configure_optimizers(self):
-        return [torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr),
-                torch.optim.Adam(self.value_net.parameters(), lr=self.value_lr),
-                torch.optim.Adam(self.initial_control.parameters(), lr=self.initial_lr)]
+        optimisers = [self.build_policy_optimizer()]
+        if self.value_net is not None:
+            optimisers.append(torch.optim.Adam(self.value_net.parameters(), lr=self.value_lr))
+        if self.initial_control is not None:
+            optimisers.append(torch.optim.Adam(self.initial_control.parameters(), lr=self.initial_lr))
+        return optimisers
+
+    def stage_optimizers(self) -> tuple:
+        """``(drift, value, initial)``, ``None`` for a stage that does not run."""
+        opts = self.optimizers()
+        opts = list(opts) if isinstance(opts, (list, tuple)) else [opts]
+        drift = opts.pop(0)
+        value = opts.pop(0) if self.value_net is not None else None
+        initial = opts.pop(0) if self.initial_control is not None else None
+        return drift, value, initial
 
     # --- the learned initial distribution ------------------------------------------------
     def initial_rollout(self, n: int, generator: torch.Generator, grad: bool = False):
@@ -142,6 +186,8 @@ class ELEGANT(RewardBackprop):
         if not self.learns_initial:
             return super().generate(n, generator, cond)
         init = self.initial_rollout(n, generator)
+        if cond is None:  # the prompts of a text-to-image run (the initial chain reads none)
+            cond = self.condition_source.sample(n, generator, generator.device, split="eval")
         traj = self.sampler.rollout(self.eval_policy(), generator=generator, x_init=init.final, cond=cond,
                                     reference=self.reference)
         return Generation(traj.final, {"kl_path": traj.path_kl(), "kl_init": init.path_kl()})
@@ -151,10 +197,11 @@ class ELEGANT(RewardBackprop):
         their reward (``mean``) or the soft value of ``value_continuations`` fresh pretrained
         continuations of each start (``soft``; log-mean-exp, stable for small alpha)."""
         if self.value_target == "mean":
-            return self.reward(traj.final)  # the reward stage 3 maximises (relaxed state)
+            return self.reward_of_state(traj.final)  # the reward stage 3 maximises (relaxed state)
         starts = traj.states[0].repeat_interleave(self.value_continuations, dim=0)
-        cont = self.rollout(self.reference, with_reference=False, x_init=starts, cond=None)
-        rewards = self.reward(cont.final).view(-1, self.value_continuations) / self.alpha
+        rows = torch.arange(len(traj.final)).repeat_interleave(self.value_continuations)
+        cont = self.rollout(self.reference, with_reference=False, x_init=starts, cond=index_cond(traj.cond, rows))
+        rewards = self.reward_of_state(cont.final).view(-1, self.value_continuations) / self.alpha
         self._last_final = traj.final.detach()  # the iteration's curves: its own batch, not the continuations
         return self.alpha * (torch.logsumexp(rewards, dim=1) - math.log(self.value_continuations))
 
@@ -162,7 +209,7 @@ class ELEGANT(RewardBackprop):
     def update(self) -> dict[str, float]:
         phase = self.phase
         self.iteration += 1
-        drift_opt, value_opt, initial_opt = self.optimizers()
+        drift_opt, value_opt, initial_opt = self.stage_optimizers()
         if phase == "value":
             traj = self.rollout(self.reference, with_reference=False)
             with torch.no_grad():

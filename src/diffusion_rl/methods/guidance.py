@@ -56,33 +56,46 @@ from ..core.processes import ForwardProcess, _bcast
 from ..nets import TimeConditionedMLP
 from .base import FineTuneMethod
 
-__all__ = ["TimeConditionedClassifier", "GuidedScore", "Guidance"]
+__all__ = ["TimeConditionedClassifier", "ClassifierLogLikelihood", "GuidedScore", "Guidance"]
 
 class TimeConditionedClassifier(TimeConditionedMLP):
     """``(x [B, *E], s [B]) -> logit [B]`` of ``p(y = 1 | x_s = x, s)``: an MLP on
     ``[flatten(x), sinusoidal features of time_scale * s]`` (widths ``hidden``)."""
 
 
-class GuidedScore(nn.Module):
-    """The guided policy ``pretrained(x, s) + gamma * grad_x log sigmoid(classifier(x, s))``.
+class ClassifierLogLikelihood(nn.Module):
+    """``log p(y = 1 | x, s) = log sigmoid(classifier(x, s))`` ``[B]``."""
 
-    Works under ``torch.no_grad`` (the shared evaluation): the classifier gradient is taken
-    inside ``torch.enable_grad`` on a detached copy of ``x``; the output is detached (nothing
-    is trained through sampling).
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        return F.logsigmoid(self.classifier(x, s))
+
+
+class GuidedScore(nn.Module):
+    """The guided policy ``pretrained(x, s) + gamma * grad_x log p(y | x, s)``, where
+    ``log_likelihood(x, s) -> [B]`` is the guidance model's log-likelihood of the wanted
+    outcome (:class:`ClassifierLogLikelihood` here; a Gaussian reward model's in
+    reward_guidance.py).
+
+    Works under ``torch.no_grad`` (the shared evaluation): the gradient is taken inside
+    ``torch.enable_grad`` on a detached copy of ``x``; the output is detached (nothing is
+    trained through sampling).
     """
 
-    def __init__(self, pretrained: nn.Module, classifier: TimeConditionedClassifier, guidance_scale: float,
+    def __init__(self, pretrained: nn.Module, log_likelihood: nn.Module, guidance_scale: float,
                  process: ForwardProcess):
         super().__init__()
-        self.pretrained, self.classifier, self.guidance_scale = pretrained, classifier, float(guidance_scale)
+        self.pretrained, self.log_likelihood, self.guidance_scale = pretrained, log_likelihood, float(guidance_scale)
         self.process = process
 
-    def classifier_grad(self, x: Tensor, s: Tensor) -> Tensor:
-        """``grad_x log p(y = 1 | x, s)``, ``[B, *E]``."""
+    def likelihood_grad(self, x: Tensor, s: Tensor) -> Tensor:
+        """``grad_x log p(y | x, s)``, ``[B, *E]``."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            log_p = F.logsigmoid(self.classifier(xg, s))
-            (grad,) = torch.autograd.grad(log_p.sum(), xg)
+            (grad,) = torch.autograd.grad(self.log_likelihood(xg, s).sum(), xg)
         return grad
 
     def forward(self, x: Tensor, s: Tensor, cond: Any = None) -> Tensor:
@@ -91,7 +104,7 @@ class GuidedScore(nn.Module):
             return out.detach()
         # the guidance term is a score: added in score space, handed back in the network's own
         # prediction type (the identity for score networks)
-        score = self.process.to_score(x, s, out) + self.guidance_scale * self.classifier_grad(x, s)
+        score = self.process.to_score(x, s, out) + self.guidance_scale * self.likelihood_grad(x, s)
         return self.process.from_score(x, s, score).detach()
 
 
@@ -125,9 +138,9 @@ class Guidance(FineTuneMethod):
             raise ValueError(f"method.top_fraction must be in (0, 1) (got {top_fraction})")
         if int(label_pool) < 1:
             raise ValueError(f"method.label_pool must be >= 1 (got {label_pool})")
-        if self.dataset is None or not hasattr(self.dataset, "sample"):
-            raise ValueError("method guidance needs a dataset with sample(n, generator) to train its classifier "
-                             f"(got {type(self.dataset).__name__})")
+        if self.trains_on_data_rows() and (self.dataset is None or not hasattr(self.dataset, "sample")):
+            raise ValueError(f"method {type(self).__name__} needs a dataset with sample(n, generator) to train its "
+                             f"guidance model (got {type(self.dataset).__name__})")
         process = self.sampler.process
         if process.prediction_type == "drift":
             raise ValueError(f"method guidance needs a network with a score ({type(process).__name__} "
@@ -140,12 +153,18 @@ class Guidance(FineTuneMethod):
             raise ValueError(f"method.s_min must be in [0, process.T={process.T}) (got {s_min})")
         self.guidance_scale, self.top_fraction = float(guidance_scale), float(top_fraction)
         self.label_pool, self.s_min = int(label_pool), float(s_min)
-        self.classifier = TimeConditionedClassifier(self.backbone.event_shape, classifier_hidden, time_dim,
-                                                    time_scale, activation)
+        # (kept: a subclass may build its guidance model on other features with the same widths)
+        self.classifier_args = dict(hidden=classifier_hidden, time_dim=time_dim, time_scale=time_scale,
+                                    activation=activation)
+        self.classifier = TimeConditionedClassifier(self.backbone.event_shape, **self.classifier_args)
         # the pretrained network is never trained: no optimiser holds it, no gradient reaches it
         self.backbone.requires_grad_(False)
         self.register_buffer("label_threshold", torch.tensor(float("nan")))
         self.register_buffer("label_strict", torch.tensor(False))
+
+    def trains_on_data_rows(self) -> bool:
+        """Whether the guidance model is trained on the data set's rows (here: always)."""
+        return True
 
     # --- labels ------------------------------------------------------------------------------
     def _draw_data(self, n: int) -> Tensor:
@@ -195,4 +214,5 @@ class Guidance(FineTuneMethod):
         return torch.optim.Adam(self.classifier.parameters(), lr=self.lr)
 
     def eval_policy(self) -> GuidedScore:
-        return GuidedScore(self.reference, self.classifier, self.guidance_scale, self.sampler.process)
+        return GuidedScore(self.reference, ClassifierLogLikelihood(self.classifier), self.guidance_scale,
+                           self.sampler.process)

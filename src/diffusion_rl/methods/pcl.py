@@ -111,7 +111,7 @@ class PCL(FineTuneMethod):
                                  "sampler=euler_maruyama or a process with t_min > 0")
 
     def configure_optimizers(self):
-        return [torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr),
+        return [self.build_policy_optimizer(),
                 torch.optim.Adam(self.value.parameters(), lr=self.value_lr)]
 
     def log_ratio(self, x_next: Tensor, mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:

@@ -78,7 +78,7 @@ class QLearning(FineTuneMethod):
         self.value = MLPBackbone(dim, hidden=value_hidden, out_dim=1)
 
     def configure_optimizers(self):
-        return [torch.optim.Adam(self.backbone.trainable_parameters(), lr=self.lr),
+        return [self.build_policy_optimizer(),
                 torch.optim.Adam(self.value.parameters(), lr=self.value_lr)]
 
     def _action_std(self, s: Tensor) -> Tensor:

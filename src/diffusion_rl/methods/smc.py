@@ -95,7 +95,7 @@ class SMC(FineTuneMethod):
             value = self.value_fn(x, k)
         else:
             s = self.sampler.times.to(x.device)[k].expand(x.shape[0])
-            value = self.reward(self.sampler.process.denoise(x, s, out))  # relaxed state, as reward backprop
+            value = self.reward_of_state(self.sampler.process.denoise(x, s, out))  # relaxed state, as reward backprop
         return self.tempering(k) * value / self.kl_weight
 
     def log_target(self, x: Tensor) -> Tensor:
@@ -111,7 +111,7 @@ class SMC(FineTuneMethod):
     @torch.no_grad()
     def generate(self, n: int, generator: torch.Generator, cond=None) -> Generation:
         if cond is None:
-            cond = self.condition_source.sample(n, generator, generator.device)
+            cond = self.condition_source.sample(n, generator, generator.device, split="eval")
         run = self.particles(n, generator, cond)
         N = self.num_particles
         if N == 1:  # no draw: N = 1 with the bootstrap proposal is the pretrained sampler

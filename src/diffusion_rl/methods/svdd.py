@@ -97,7 +97,7 @@ class SVDD(FineTuneMethod):
         s = self.sampler.times.to(y.device)[k].expand(y.shape[0])
         if self.value == "mc":
             return self.value_net(y, s)
-        return self.reward(self.sampler.process.denoise(y, s, self.reference(y, s, cond)))
+        return self.reward_of_state(self.sampler.process.denoise(y, s, self.reference(y, s, cond)))
 
     def log_score(self, y: Tensor, k: int, cond=None) -> Tensor:
         return self.soft_value(y, k, cond) / self.kl_weight
@@ -105,7 +105,7 @@ class SVDD(FineTuneMethod):
     @torch.no_grad()
     def generate(self, n: int, generator: torch.Generator, cond=None) -> Generation:
         if cond is None:
-            cond = self.condition_source.sample(n, generator, generator.device)
+            cond = self.condition_source.sample(n, generator, generator.device, split="eval")
         loop = ParticleSampler(self.sampler, self.reference, self.backbone.event_shape, generator)
         x, kl = loop.best_of(n, self.num_candidates, self.log_score, cond=cond,
                              scheme="multinomial" if self.selection == "sample" else "argmax")

@@ -178,12 +178,12 @@ class ValueWeighted(FineTuneMethod):
             return self.value_fn(x, k, cond)
         s = self.sampler.times.to(x.device)[k]
         if self.value == "tweedie":
-            est = self.reward(self.sampler.process.denoise(x, s, self.reference(x, s, cond)))
+            est = self.reward_of_state(self.sampler.process.denoise(x, s, self.reference(x, s, cond)))
         else:
             est = self.value_net(x, s)
         last = k == self.sampler.num_steps
         if getattr(self.reward, "differentiable", False) and bool(last.any()):
-            exact = self.reward(x).to(est.dtype)
+            exact = self.reward_of_state(x).to(est.dtype)
             est = exact if bool(last.all()) else torch.where(last, exact, est)
         return est
 
