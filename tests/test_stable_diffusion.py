@@ -222,3 +222,16 @@ def test_elegant_never_deep_copies_the_unet(tiny_weights, tmp_path):
     assert proc.returncode == 0, describe(proc)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["kl_init"] >= 0 and metrics["trained_auxiliary_parameters"] > 0, metrics
+
+
+def test_training_grids_show_decoded_images(tiny_weights, tmp_path):
+    """The dashboards' grids of a latent model are its VAE-decoded RGB images, not latents."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    proc = run_cli(sd_args(tiny_weights, tmp_path, "method=nokl", "logger=default", f"hydra.run.dir={run}"))
+    assert proc.returncode == 0, describe(proc)
+    acc = event_accumulator.EventAccumulator(str(run / "tb"), size_guidance={event_accumulator.IMAGES: 0})
+    acc.Reload()
+    events = acc.Images("train/samples")
+    # 16 decoded 16 x 16 images: 4 x 4 tiles with 1-pixel borders (69 pixels), each drawn 4 x 4
+    assert [e.step for e in events] == [1, 2, 3] and {(e.width, e.height) for e in events} == {(69 * 4, 69 * 4)}

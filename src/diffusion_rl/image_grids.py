@@ -58,7 +58,8 @@ class TrainingImageGrids(L.Callback):
         try:
             with torch.random.fork_rng(devices=devices):  # whatever a method draws from the global stream
                 method.eval()
-                x = method.generate(self.num_images, generator).states.detach().float().cpu()
+                # decoded: pixels for a latent model (the VAE), clamped pixels for the digits
+                x = method.decode(method.generate(self.num_images, generator).states).detach().float().cpu()
         finally:
             for m, mode in modes.items():
                 m.training = mode
