@@ -72,7 +72,7 @@ class Recorder:
 
 def main(out: Path, methods: list[str]) -> None:
     from diffusion_rl.runner import build_trainer
-    from diffusion_rl.seeding import seeded_global_rng
+    from diffusion_rl.seeding import no_global_draws
 
     torch.set_num_threads(1)
     for name in methods:
@@ -81,7 +81,7 @@ def main(out: Path, methods: list[str]) -> None:
         log_dict = method.log_dict
         method.log_dict = lambda values, **kw: (logged.append(dict(values)), log_dict(values, **kw))
         trainer = build_trainer(cfg, out / name, method.epochs, [], checkpoint=False, stage="fine-tuning")
-        with seeded_global_rng(cfg.seed, "finetune"):
+        with no_global_draws("finetune"):
             trainer.fit(method)
         rank = trainer.global_rank
         (out / name).mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from diffusion_rl.data.digits import Digits
 from diffusion_rl.evaluation.evaluate import EvalConfig
 from diffusion_rl.evaluation.metrics import EvalSamples, PairwiseDistance
 from diffusion_rl.rewards.digits_classifier import DigitCNN, trained_digit_classifier
-from diffusion_rl.seeding import seeded_global_rng
+from diffusion_rl.seeding import seeded_draws
 
 torch.set_num_threads(1)
 
@@ -70,7 +70,7 @@ def test_halves_are_disjoint_stratified_and_seeded(digits):
 def build_backbone(seed: int, **overrides):
     spec = DIGITS_CFG.backbone.copy()
     spec.update(overrides)
-    with seeded_global_rng(seed, "backbone"):  # how the runner builds every backbone
+    with seeded_draws(seed, "backbone"):  # how the runner builds every backbone
         return instantiate(spec)
 
 
@@ -108,7 +108,7 @@ def test_unet_backbone_round_trips_through_diffusers_files(tmp_path):
 
 
 def fitted_classifier(digits, cache_dir, half: int, epochs: int = 3):
-    with seeded_global_rng(0, "reward"):
+    with seeded_draws(0, "reward"):
         net = DigitCNN()
     return trained_digit_classifier(digits, net, cache_dir=cache_dir, half=half, digit=3, epochs=epochs)
 

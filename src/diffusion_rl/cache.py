@@ -44,7 +44,8 @@ T = TypeVar("T")
 #: unrelated commit or comment and would refit everything for nothing.
 CODE_VERSION: dict[str, int] = {
     # 1: first version under this helper (backbone.pt = the backbone's state_dict);
-    # 2: initial weights and the fit from the pretraining seed (seeding.seeded_global_rng)
+    # 2: initial weights and the fit from the pretraining seed (seeding.seeded_draws; its
+    #    generator-routed successor draws the same numbers, so entries stay valid)
     "pretrain": 2,
     # 1: first version under this helper (oracle.pt state_dict + oracle.json R²);
     # 2: initial weights and the fit from the oracle's seed

@@ -38,7 +38,7 @@ from .checkpointing import CHECKPOINT_NAME, EpochCheckpoint, check_checkpoint, c
 from .evaluation.evaluate import EvalConfig, build_metrics, evaluate, sample_kind
 from .evaluation.samples import write_samples
 from .logs import ProgressLines, interactive, quiet_libraries
-from .seeding import derive_seed, seeded_global_rng
+from .seeding import derive_seed, no_global_draws, seeded_draws
 from .methods.base import DivergenceError
 from .validation import class_flags
 
@@ -128,7 +128,7 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
     # a cached backbone is shared by every seed of a sweep: its initial weights (and its whole
     # fit) come from the pretraining seed, which is part of the cache key, never the run's seed
     init_seed = int(spec.get("seed", 0)) if pretrains else int(cfg.seed)
-    with seeded_global_rng(init_seed, "backbone"):
+    with seeded_draws(init_seed, "backbone"):
         backbone = instantiate(cfg.backbone)
     if not pretrains:
         # without a pretrain option only loose keys can remain (debug=smoke's shrunk budget)
@@ -140,7 +140,7 @@ def pretrained_backbone(cfg: DictConfig, dataset, process):
         log.info("pretraining %s: %d iterations x batch %d (%d epochs) -> %s", type(module).__name__,
                  module.iterations, module.batch_size, module.epochs, folder)
         loggers = [L.pytorch.loggers.CSVLogger(folder, name="", version="")]
-        with seeded_global_rng(init_seed, "pretrain"):
+        with no_global_draws("pretrain"):  # its data and noise draws take the module's own generators
             # on one device even under trainer=ddp: the cache key holds no device count, so a
             # cached backbone must not depend on it (and under DDP each rank would draw the same
             # data batches); a DDP run's other ranks start later and find it in the cache
@@ -170,7 +170,7 @@ def component_seed(spec, cfg: DictConfig) -> int:
 
 def build_reward(cfg: DictConfig, dataset):
     """The nominal reward (an oracle's network is built and fitted, or loaded, here)."""
-    with seeded_global_rng(component_seed(cfg.reward, cfg), "reward"):
+    with seeded_draws(component_seed(cfg.reward, cfg), "reward"):
         return bind_reward(instantiate(cfg.reward), dataset)
 
 
@@ -178,7 +178,7 @@ def build_true_reward(cfg: DictConfig):
     """The genuine reward r where the task knows it (bound to the dataset later), or None."""
     if cfg.get("true_reward") is None:
         return None
-    with seeded_global_rng(component_seed(cfg.true_reward, cfg), "true_reward"):
+    with seeded_draws(component_seed(cfg.true_reward, cfg), "true_reward"):
         return instantiate(cfg.true_reward)
 
 
@@ -221,9 +221,9 @@ def build_parts(cfg: DictConfig) -> RunParts:
     eval_metrics = build_metrics(cfg.eval.compute, cfg.eval.get("select"), kind)
     reward = build_reward(cfg, dataset)  # an oracle is fitted (or loaded) here, into the cache
     backbone = pretrained_backbone(cfg, dataset, process)  # writes only to the cache
-    with seeded_global_rng(component_seed(cfg.get("true_reward"), cfg), "true_reward_fit"):
+    with seeded_draws(component_seed(cfg.get("true_reward"), cfg), "true_reward_fit"):
         true_reward = bind_reward(true_reward, dataset)  # a proxy oracle is fitted (or loaded) here
-    with seeded_global_rng(cfg.seed, "method"):  # the method's own networks (critics, classifiers, ...)
+    with seeded_draws(cfg.seed, "method"):  # the method's own networks (critics, classifiers, ...)
         method = instantiate(cfg.method, backbone=backbone, sampler=sampler, reward=reward, dataset=dataset,
                              seed=cfg.seed, true_reward=true_reward)
     return RunParts(dataset, reward, true_reward, method, kind, eval_metrics)
@@ -276,7 +276,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loggers = build_loggers(cfg, run_dir)
         trainer = build_trainer(cfg, run_dir, method.epochs, loggers, checkpoint=True, stage="fine-tuning",
                                 extra_callbacks=training_image_grids(cfg, kind, dataset))
-        with seeded_global_rng(cfg.seed, "finetune"):  # methods draw from their own generators; this covers the rest
+        with no_global_draws("finetune"):  # methods draw from their own generators (checked)
             trainer.fit(method, ckpt_path=str(last) if last.exists() else None, weights_only=True)
         costs = method.training_costs()  # summed over the ranks (a collective: before rank 0 goes on alone)
         if not trainer.is_global_zero:  # under DDP, rank 0 alone evaluates and writes

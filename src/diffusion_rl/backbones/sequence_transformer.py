@@ -25,7 +25,7 @@ hyper-parameter. Not readable, hence our choices (all constructor arguments):
 * the time feature: deterministic transformer-style sinusoids of ``time_scale * s``
   (``time_scale = 1000`` maps VP's ``s in [0, 1]`` to the DDPM step range) followed by a
   two-layer SiLU MLP; the paper says only "time feature".
-* ``dropout = 0`` (the brief's default), pre-LayerNorm encoder layers (``norm_first``) with a
+* ``dropout = 0`` (the brief's default; the only value accepted), pre-LayerNorm encoder layers (``norm_first``) with a
   final LayerNorm, GELU activations.
 
 The output is the score itself (``process.prediction_type: score``, converted by
@@ -54,7 +54,8 @@ class SequenceTransformerBackbone(Backbone):
         nhead: attention heads (must divide ``d_model``).
         num_layers: encoder layers.
         dim_feedforward: hidden width of each layer's MLP (default ``4 * d_model``).
-        dropout: dropout inside the encoder (0: sampling and reward backprop stay deterministic).
+        dropout: dropout inside the encoder; must be 0 (sampling and reward backprop stay
+            deterministic, and torch's dropout would draw from the global generator).
         time_dim: number of sinusoidal time features before the time MLP.
         time_scale: the sinusoids see ``time_scale * s``.
 
@@ -70,8 +71,11 @@ class SequenceTransformerBackbone(Backbone):
             raise ValueError(f"backbone needs length > 0 and vocab_size > 1 (got {length}, {vocab_size})")
         if d_model % nhead:
             raise ValueError(f"backbone.nhead={nhead} must divide backbone.d_model={d_model}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"backbone.dropout must be in [0, 1) (got {dropout})")
+        if dropout != 0.0:
+            # torch's dropout takes no generator: its masks would come from the global one, and a
+            # run would depend on what its process ran before (seeding.no_global_draws)
+            raise ValueError(f"backbone.dropout must be 0 (got {dropout}): dropout masks draw from torch's global "
+                             "generator, which would make runs irreproducible")
         self.length, self.vocab_size = int(length), int(vocab_size)
         self.event_shape = (self.length, self.vocab_size)
         self.time_features = SinusoidalTimeFeatures(time_dim, time_scale)

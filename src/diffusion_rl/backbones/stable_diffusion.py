@@ -21,8 +21,9 @@ check before anything runs (``weights_dir``, set from ``paths.sd_model``).
 * Checkpoints keep only the LoRA weights (``weights_from_source``: the method leaves out, and
   restores from this folder, every weight that fine-tuning does not change).
 
-LoRA's initial weights come from torch's global generator, which the runner seeds from the run
-(``seeding.seeded_global_rng``): lora_B starts at zero, so the fine-tuned chain starts equal to
+LoRA's initial weights (peft draws them through ``nn.init``) come from the run's seed: the runner
+builds the backbone in ``seeding.seeded_draws``, which routes those draws to a generator of its
+own: lora_B starts at zero, so the fine-tuned chain starts equal to
 the reference whatever the draw.
 """
 

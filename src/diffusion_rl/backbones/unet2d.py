@@ -5,8 +5,9 @@ The UNet maps ``(x [B, C, H, W], timestep [B])`` to an output of the process's
 it. Its timestep is ``time_scale * s`` (VP: 1000 maps ``s in [0, 1]`` to the DDPM step range
 the UNet's sinusoidal embedding was designed for).
 
-Initial weights: diffusers' layers initialise from torch's global generator and take none; the
-runner builds every backbone inside ``seeding.seeded_global_rng`` (the pretraining seed), so
+Initial weights: diffusers' layers initialise through ``nn.init`` with no generator; the runner
+builds every backbone inside ``seeding.seeded_draws`` (the pretraining seed), which routes
+those draws to a generator of its own, so
 the weights are a function of that seed alone, as for the other backbones. ``pretrained`` loads
 weights written by :meth:`save_pretrained` instead (diffusers' own folder layout, read with
 ``local_files_only``: nothing is downloaded).
