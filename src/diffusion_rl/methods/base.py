@@ -181,9 +181,7 @@ class FineTuneMethod(L.LightningModule):
             if self.world_size() > 1:
                 strategy = self.trainer.strategy  # NCCL gathers device tensors only
                 checkpoint[key + "s_by_rank"] = strategy.all_gather(generator.get_state().to(strategy.root_device)).cpu()
-        # the global stream too (the run's fork of it, runner.py): whatever draws from it
-        # (dropout, a library) continues as in an uninterrupted run
-        checkpoint["global_rng_state"] = torch.get_rng_state()
+        # no global stream to save: fine-tuning never draws from it (runner.py's no_global_draws)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # (Lightning calls this before loading the state_dict) the weights a checkpoint left
@@ -198,8 +196,6 @@ class FineTuneMethod(L.LightningModule):
         self._pending_states = {k: checkpoint.get(k) for k in ("generator_state", "data_generator_state",
                                                                "generator_states_by_rank", "data_generator_states_by_rank")}
         self._generator = self._data_generator = None
-        if checkpoint.get("global_rng_state") is not None:
-            torch.set_rng_state(checkpoint["global_rng_state"])
 
     # --- what subclasses use -----------------------------------------------------------
     @property
