@@ -163,7 +163,10 @@ def sd_args(tiny_weights, tmp_path: Path, *extra: str) -> list[str]:
 #: every image method, one per class (the YAML variants of a class share its code path)
 IMAGE_METHODS = {
     "pretrained": [], "nokl": ["+method.micro_batch=8"], "elegant": ["method.value_fraction=0.0", "method.initial_fraction=0.0"],
-    "ddpo": [], "dpok": [], "ppo_kl": [], "soft_ppo": [], "rw_mle": [], "pcl": [], "ctrl": [],
+    "ddpo": [], "dpok": [], "ppo_kl": [],
+    # the public image PPO's per-prompt baseline and advantage clip (tiny: groups full at 2)
+    "soft_ppo": ["+method.advantage_groups=prompt", "+method.group_buffer=4", "+method.group_min_count=2",
+                 "+method.advantage_clip=5.0"], "rw_mle": [], "pcl": [], "ctrl": [],
     "svdd": [], "smc": [], "value_weighted": [],
     "reward_guidance": ["method.label_pool=16", "method.features=reward_embedding", "method.embed_dim=768"],
 }

@@ -52,6 +52,7 @@ CHOICES = {"critic": ("structured", "plain"), "link": ("sincos", "linear"), "gra
 
 class CTRL(PolicyGradientMethod):
     needs_differentiable_reward = True  # the structured critic's grad_x r(x̂_0)
+    groups_advantages = False  # its advantages come from the critic, not from a reward baseline
 
     def __init__(self, *args, kl_weight: float = 1.0, critic: str = "structured", link: str = "sincos",
                  grad_point: str = "mean", critic_target: str = "kl_to_go", critic_epochs: int = 1,

@@ -23,33 +23,89 @@ from torch import Tensor
 
 from ..core.trajectory import Trajectory
 from .base import FineTuneMethod
+from .group_stats import GroupRewardStats
 
 
 class PolicyGradientMethod(FineTuneMethod):
     needs_stochastic_sampler = True  # the clipped ratio reads per-step log-probabilities
+    #: whether :meth:`centred_rewards`' per-prompt baseline (``advantage_groups``) applies: a
+    #: sibling whose baseline is not the reward's (per-step returns, a critic) sets False
+    groups_advantages = True
 
     def __init__(self, *args, clip_range: float = 0.2, minibatches: int = 4, normalize_advantages: bool = True,
-                 reward_weight: float = 1.0, steps_per_backward: int | None = None, **kw):
+                 reward_weight: float = 1.0, steps_per_backward: int | None = None,
+                 advantage_groups: str | None = None, group_buffer: int = 32, group_min_count: int = 16,
+                 advantage_clip: float | None = None, **kw):
         super().__init__(*args, **kw)
         if clip_range <= 0 or minibatches < 1 or reward_weight < 0:
             raise ValueError("method.clip_range > 0, method.minibatches >= 1 and method.reward_weight >= 0 required")
         if steps_per_backward is not None and steps_per_backward < 1:
             raise ValueError(f"method.steps_per_backward must be >= 1 or null (got {steps_per_backward})")
+        if advantage_clip is not None and advantage_clip <= 0:
+            raise ValueError(f"method.advantage_clip must be > 0 or null (got {advantage_clip})")
         self.clip_range, self.minibatches = clip_range, minibatches
         self.normalize_advantages, self.reward_weight = normalize_advantages, reward_weight
-        self.steps_per_backward = steps_per_backward
+        self.steps_per_backward, self.advantage_clip = steps_per_backward, advantage_clip
+        self.advantage_groups = advantage_groups
+        self.group_stats = None
+        if advantage_groups is not None:
+            self.check_advantage_groups(advantage_groups)
+            self.group_stats = GroupRewardStats(group_buffer, group_min_count)
+
+    def check_advantage_groups(self, name: str) -> None:
+        """``advantage_groups`` names a per-chain integer condition (``prompt``) of this task."""
+        where = f"method.advantage_groups={name}"
+        if not self.groups_advantages:
+            raise ValueError(f"{where}: {type(self).__name__}'s baseline is not the reward's, so a per-prompt reward "
+                             "baseline does not apply (DDPO, DPOK and soft PPO take it)")
+        probe = self.condition_source.sample(2, torch.Generator())  # a throwaway draw: only the keys matter
+        if not probe or name not in probe or probe[name].dim() != 1 or probe[name].is_floating_point():
+            have = ", ".join(probe) if probe else "none (an unconditional task)"
+            raise ValueError(f"{where}: the chains carry no integer condition '{name}' to group them by "
+                             f"(their conditions: {have})")
 
     # --- what siblings override ------------------------------------------------------------
+    def centred_rewards(self, rewards: Tensor, traj: Trajectory) -> tuple[Tensor, Tensor]:
+        """``(rewards - baseline, scale)``: the batch mean and, when ``normalize_advantages``,
+        the batch std (DDPO's scale-free update; scale 1 otherwise); with ``advantage_groups``
+        each chain's prompt's running mean and std (:mod:`.group_stats`). ``scale`` is a scalar
+        or ``[B]``."""
+        if self.group_stats is None:
+            scale = rewards.std() + 1e-8 if self.normalize_advantages else torch.ones((), device=rewards.device)
+            return rewards - rewards.mean(), scale
+        groups = traj.cond[self.advantage_groups]
+        if self.world_size() > 1:  # every rank tracks the whole batch (the public code gathers too)
+            gather = self.trainer.strategy.all_gather
+            all_groups, all_rewards = gather(groups).flatten(), gather(rewards.detach()).flatten()
+            centred, scale = self.group_stats.centre_and_scale(all_groups, all_rewards)
+            mine = slice(self.global_rank * len(rewards), (self.global_rank + 1) * len(rewards))
+            centred, scale = centred[mine], scale[mine]
+        else:
+            centred, scale = self.group_stats.centre_and_scale(groups, rewards)
+        return centred, scale if self.normalize_advantages else torch.ones_like(scale)
+
+    def clip_advantages(self, adv: Tensor) -> Tensor:
+        """DDPO's ``adv_clip_max`` (the public image code clips at 5); no clip by default."""
+        return adv if self.advantage_clip is None else adv.clamp(-self.advantage_clip, self.advantage_clip)
+
     def advantages(self, rewards: Tensor, traj: Trajectory) -> Tensor:
-        """``[B]`` (one advantage per chain) or ``[K, B]`` (per step). Batch-mean baseline,
-        divided by the reward std when ``normalize_advantages`` (DDPO's scale-free update)."""
-        adv = self.reward_weight * (rewards - rewards.mean())
-        if self.normalize_advantages:
-            adv = adv / (rewards.std() + 1e-8)
-        return adv
+        """``[B]`` (one advantage per chain) or ``[K, B]`` (per step): the centred reward over
+        its scale (:meth:`centred_rewards`)."""
+        centred, scale = self.centred_rewards(rewards, traj)
+        return self.clip_advantages(self.reward_weight * centred / scale)
 
     def prepare(self, traj: Trajectory) -> None:
         """Run once per rollout, before the PPO steps."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.group_stats is not None:
+            checkpoint["advantage_group_stats"] = self.group_stats.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.group_stats is not None and "advantage_group_stats" in checkpoint:
+            self.group_stats.load_state_dict(checkpoint["advantage_group_stats"])
 
     def step_advantages(self, adv: Tensor, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
         """The ``[len(steps), b]`` advantages that multiply the ratios inside the clipped

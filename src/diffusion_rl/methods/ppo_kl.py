@@ -40,6 +40,8 @@ KL_PENALTIES = ("analytic", "log_ratio")
 
 
 class PPOKL(PolicyGradientMethod):
+    groups_advantages = False  # its baseline is the per-step return's batch mean (KL-to-go included)
+
     def __init__(self, *args, kl_weight: float = 0.1, kl_penalty: str = "analytic", **kw):
         super().__init__(*args, **kw)
         if kl_weight < 0:

@@ -32,14 +32,17 @@ class SoftPPO(DPOK):
     clipped term's per-step cost."""
 
     def advantages(self, rewards: Tensor, traj: Trajectory) -> Tensor:
-        adv = self.reward_weight * (rewards - rewards.mean())
+        centred, scale = self.centred_rewards(rewards, traj)
         # DDPO's normalisation divides the whole per-step cost (KL included), which rescales
-        # the step without moving the equilibrium
-        self._scale = float(rewards.std()) + 1e-8 if self.normalize_advantages else 1.0
-        return adv / self._scale
+        # the step without moving the equilibrium (per chain with a per-prompt baseline; the
+        # public image code divides the reward only, which weakens the KL by the reward's std)
+        # one batch scale is a number (a tensor divisor would be saved for backward)
+        self._scale = float(scale) if scale.dim() == 0 else scale
+        return self.clip_advantages(self.reward_weight * centred / self._scale)
 
     def step_advantages(self, adv: Tensor, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
-        return adv - self.kl_weight * self.step_kls(traj, means, steps, idx) / self._scale
+        scale = self._scale if isinstance(self._scale, float) else self._scale[idx]
+        return adv - self.kl_weight * self.step_kls(traj, means, steps, idx) / scale
 
     def regulariser(self, traj: Trajectory, means: Tensor, steps: range, idx: Tensor) -> Tensor:
         return means.new_zeros(())
