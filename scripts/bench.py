@@ -14,7 +14,7 @@
   for backward, freed when the graph is) plus the recorded trajectory; on a GPU also the peak
   allocated memory above the baseline.
 * ``tables``: wall time of the full ``qlearning_table3`` and ``qlearning_table4`` runs from
-  empty run and cache folders (about 20 minutes on 2 cores).
+  empty run and cache folders (roughly an hour on 2 cores since q-learning runs 1,200 iterations).
 * ``diversity``: seconds to compute ELEGANT's Div (mean pairwise Levenshtein distance, rapidfuzz)
   of 1,000 GFP sequences (237 aa): rows of the GFP proxy table and uniformly random proteins
   (goal: <= 5 s).
