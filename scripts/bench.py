@@ -43,6 +43,7 @@ import torch
 from diffusion_rl.backbones.mlp import MLPBackbone
 from diffusion_rl.core.processes import OUProcess
 from diffusion_rl.core.samplers import EulerMaruyama, GradWindow
+from diffusion_rl.seeding import seeded_draws
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "bench"
@@ -117,8 +118,8 @@ def chain_backprop(backbone, steps: int, checkpoint: bool, batch: int, device: t
 
 def chain_memory(batch: int, hidden: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    backbone = MLPBackbone(dim=2, hidden=hidden).to(device)
+    with seeded_draws(0, "bench_backbone"):  # the backbone's initial weights, as the runner builds them
+        backbone = MLPBackbone(dim=2, hidden=hidden).to(device)
     chain_backprop(backbone, 1, False, batch, device)  # warm-up (allocator, kernels)
     runs = [chain_backprop(backbone, steps, ckpt, batch, device) for steps in (5, 50) for ckpt in (False, True)]
     by = {(r["steps"], r["checkpoint_steps"]): r["saved_tensor_bytes"] for r in runs}
@@ -183,8 +184,8 @@ def pg_update_memory(method_name: str, steps: int, steps_per_backward: int | Non
     from diffusion_rl.methods.dpok import DPOK
 
     cls = {"ddpo": DDPO, "dpok": DPOK}[method_name]
-    torch.manual_seed(0)  # benchmark script: the backbone's initial weights
-    backbone = SequenceTransformerBackbone(8, 4, d_model=64, nhead=4, num_layers=2, time_dim=64)
+    with seeded_draws(0, "bench_backbone"):  # the backbone's initial weights, as the runner builds them
+        backbone = SequenceTransformerBackbone(8, 4, d_model=64, nhead=4, num_layers=2, time_dim=64)
     reward = _SequenceReward()
     method = cls(backbone, EulerMaruyama(VPProcess(), steps), reward, iterations=1, batch_size=batch, lr=1e-4,
                  iterations_per_epoch=1, minibatches=1, steps_per_backward=steps_per_backward)
@@ -197,9 +198,17 @@ def pg_update_memory(method_name: str, steps: int, steps_per_backward: int | Non
         torch.cuda.reset_peak_memory_stats(device)
     params = {p.untyped_storage().data_ptr() for p in method.parameters()}
     tracker = LiveSavedBytes(params)
+    update = method.update
+
+    def tracked_update():
+        # inside training_step's own saved-tensor hooks (its saved_for_backward counter): the
+        # innermost hooks are the ones autograd calls, so hooks around trainer.fit saw nothing
+        with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+            return update()
+
+    method.update = tracked_update
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
-        trainer.fit(method)
+    trainer.fit(method)
     traj_bytes = 4 * steps * batch * 8 * 4 * 4  # states, outputs, means, noises: [K, B, 8, 4] float32
     result = {"method": method_name, "steps": steps, "steps_per_backward": steps_per_backward,
               "wall_seconds": time.perf_counter() - start, "peak_saved_tensor_bytes": tracker.peak,

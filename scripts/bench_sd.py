@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny SD builder the tests use
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import environment, write_json  # noqa: E402
+from diffusion_rl.seeding import seeded_draws  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 PROMPTS = (["cat", "dog", "horse", "monkey"], ["panda"])
@@ -62,15 +63,15 @@ def write_weights(folder: Path, size: str) -> tuple[Path, Path]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(0)
     sd = folder / "sd"
     write_tokenizer(sd / "tokenizer")
     vocab = len(json.loads((sd / "tokenizer" / "vocab.json").read_text()))
-    UNet2DConditionModel(**SD15_UNET).save_pretrained(str(sd / "unet"))
-    AutoencoderKL(**SD15_VAE).save_pretrained(str(sd / "vae"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                                 **SD15_TEXT)).save_pretrained(str(sd / "text_encoder"))
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14)).save_pretrained(str(folder / "clip"))
+    with seeded_draws(0, "bench_weights"):  # random full-size weights from a generator of their own
+        UNet2DConditionModel(**SD15_UNET).save_pretrained(str(sd / "unet"))
+        AutoencoderKL(**SD15_VAE).save_pretrained(str(sd / "vae"))
+        CLIPTextModel(CLIPTextConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                     **SD15_TEXT)).save_pretrained(str(sd / "text_encoder"))
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14)).save_pretrained(str(folder / "clip"))
     return sd, folder / "clip"
 
 
@@ -88,9 +89,9 @@ def one_run(spec: dict) -> dict:
     from diffusion_rl.rewards.aesthetic import LaionAesthetic
 
     device = torch.device(spec["device"])
-    torch.manual_seed(0)
-    backbone = StableDiffusionBackbone(spec["sd"], *PROMPTS, guidance_scale=7.5).to(device)
-    reward = LaionAesthetic(spec["clip"], DATA).to(device)
+    with seeded_draws(0, "bench_backbone"):  # LoRA's initial weights, as the runner builds them
+        backbone = StableDiffusionBackbone(spec["sd"], *PROMPTS, guidance_scale=7.5).to(device)
+        reward = LaionAesthetic(spec["clip"], DATA).to(device)
     process = DiscreteVPProcess()
     sampler = DDIM(process, spec["steps"], eta=1.0)
     opt = torch.optim.AdamW(list(backbone.trainable_parameters()), lr=1e-4, weight_decay=0.1)
