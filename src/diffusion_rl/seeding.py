@@ -85,9 +85,9 @@ def seeded_draws(seed: int, *roles: object) -> Iterator["torch.Generator"]:
     passes it to every random function called without one): the initial weights depend on the
     seed and role only, never on what ran before (a cache hit skips a whole fit and its draws).
     The global generator is neither seeded nor read (:func:`no_global_draws` checks it). The
-    same seed gives the same stream as ``torch.manual_seed`` would (both are CPU Mersenne
-    twisters), so the numbers made when this block seeded a fork of the global generator are
-    unchanged. The routing costs ~30 % on a small network's training step, so fits and
+    same seed gives the same stream as the global CPU generator seeded with it (both are
+    Mersenne twisters), so the numbers made when this block seeded a fork of the global
+    generator are unchanged. The routing costs ~30 % on a small network's training step, so fits and
     fine-tuning, whose draws all take their own generators, run under the check alone."""
     import torch  # here, not at the top: validation imports this module and must stay torch-free
 
