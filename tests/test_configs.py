@@ -220,7 +220,7 @@ def test_flags_say_what_the_methods_need():
          "pcl_subtrajectory", "pcl_trajectory_balance", "smc", "smc_twisted", "svdd", "svdd_argmax", "svdd_mc",
          "value_weighted_path_integral"}
     assert {m for m, f in flags.items() if "tokens" not in f["sample_kinds"]} == \
-        {"qlearning", "qlearning_td", "gaussian_target", "mixture_target", "value_weighted_path_integral"}
+        {"qlearning", "qlearning_mc", "gaussian_target", "mixture_target", "value_weighted_path_integral"}
     assert {m for m, f in flags.items() if "vectors" not in f["sample_kinds"]} == {"exact_optimum"}
 
 

@@ -62,7 +62,8 @@ METHODS = {
     "ddpo": lambda: build(DDPO, minibatches=2),
     "dpok": lambda: build(DPOK, minibatches=2, kl_weight=1.0, reward_weight=5.0),
     "qlearning": build_qlearning,
-    "qlearning_td": lambda: build_qlearning(critic_target="td"),
+    "qlearning_mc": lambda: build_qlearning(critic_target="monte_carlo"),
+    "qlearning_learned_entropy": lambda: build_qlearning(critic_entropy="learned"),
     "ppo_kl": lambda: build(PPOKL, minibatches=2, kl_weight=0.1),
     "reward_backprop": lambda: build(RewardBackprop, kl_weight=1.0, grad_window={"kind": "all"}),
 }
@@ -142,6 +143,7 @@ def test_ddpo_advantages_are_normalised():
     (QLearning, dict(reward_weight=1.0, temperature=0.0, delta=1e-4), "temperature"),
     (QLearning, dict(reward_weight=-1.0, temperature=0.1, delta=1e-4), "reward_weight"),
     (QLearning, dict(reward_weight=1.0, temperature=0.1, delta=1e-4, critic_target="td0"), "critic_target"),
+    (QLearning, dict(reward_weight=1.0, temperature=0.1, delta=1e-4, critic_entropy="none"), "critic_entropy"),
     (DDPO, dict(batch_size=0), "batch_size"),
     (DDPO, dict(lr=0.0), "lr"),
 ])
