@@ -25,7 +25,7 @@ setup: .venv/.installed  ## Create .venv: pinned CPU torch first (no CUDA downlo
 	$(PY) -m pip install -q -c .venv/constraints.txt -e '.[dev]'
 	touch $@
 
-test: setup  ## Run the test suite (closed forms, configs, every method end to end; ~15-20 min on 2 cores)
+test: setup  ## Run the test suite (closed forms, configs, every method end to end; ~13 min on 2 cores)
 	$(PY) -m pytest tests --durations=20
 
 demo: setup  ## Reduced-budget q-learning Table 3 on the CPU (< 10 min), printed at the end

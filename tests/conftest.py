@@ -3,9 +3,15 @@ a parallel variant for independent runs, and a float64 default-dtype switch for 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -38,16 +44,86 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str], timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``python -m diffusion_rl *args`` from the repo root; captures stdout/stderr as text."""
-    return subprocess.run([PYTHON, "-m", "diffusion_rl", *map(str, args)], cwd=REPO_ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+class PreloadedCLI:
+    """One ``tests/preloaded_cli.py`` server: the package imported once, each run a forked
+    child that behaves as ``python -m diffusion_rl`` (that file says how)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([PYTHON, str(Path(__file__).with_name("preloaded_cli.py"))], cwd=REPO_ROOT,
+                                     env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()  # ready
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the preloaded CLI server exited (status {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"argv": list(args), "cwd": str(REPO_ROOT), "env": cli_env(), "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = self._read()["pid"]
+            timed_out = threading.Event()
+
+            def kill():
+                timed_out.set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killer = threading.Timer(timeout, kill)
+            killer.start()
+            try:
+                status = self._read()["status"]
+            finally:
+                killer.cancel()
+            if timed_out.is_set():
+                raise subprocess.TimeoutExpired(["diffusion_rl", *args], timeout)
+            return subprocess.CompletedProcess(["diffusion_rl", *args], os.waitstatus_to_exitcode(status),
+                                               out.read_text(), err.read_text())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def run_cli_many(arg_lists: Sequence[Sequence[str]], workers: int = 3) -> list[subprocess.CompletedProcess]:
-    """Independent CLI runs, a few at a time (their cost is mostly the interpreter start-up)."""
+_IDLE_SERVERS: "queue.SimpleQueue[PreloadedCLI]" = queue.SimpleQueue()
+_ALL_SERVERS: list[PreloadedCLI] = []
+
+
+def run_cli(args: Sequence[str], timeout: float = CLI_TIMEOUT_S, fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """``python -m diffusion_rl *args`` from the repo root; captures stdout/stderr as text.
+    By default the run forks from a server that has imported the package already (each run
+    would otherwise spend ~5 s of CPU on imports); ``fresh_process=True`` (or
+    ``DIFFUSION_RL_TESTS_FRESH_CLI=1`` for the whole suite) starts a new interpreter."""
+    args = list(map(str, args))
+    if fresh_process or os.environ.get("DIFFUSION_RL_TESTS_FRESH_CLI") == "1":
+        return subprocess.run([PYTHON, "-m", "diffusion_rl", *args], cwd=REPO_ROOT, env=cli_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    try:
+        server = _IDLE_SERVERS.get_nowait()
+    except queue.Empty:
+        server = PreloadedCLI()
+        _ALL_SERVERS.append(server)
+    try:
+        return server.run(args, timeout)
+    finally:
+        _IDLE_SERVERS.put(server)
+
+
+def run_cli_many(arg_lists: Sequence[Sequence[str]], workers: int = 3,
+                 fresh_process: bool = False) -> list[subprocess.CompletedProcess]:
+    """Independent CLI runs, a few at a time."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(run_cli, arg_lists))
+        return list(pool.map(lambda args: run_cli(args, fresh_process=fresh_process), arg_lists))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_cli_servers():
+    yield
+    for server in _ALL_SERVERS:
+        server.close()
 
 
 def path_overrides(root: Path, cache_dir: Path | None = None) -> list[str]:
