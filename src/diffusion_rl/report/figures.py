@@ -9,7 +9,8 @@ The group's runs are sorted by the ``by`` config value and drawn from their ``sa
 
 * ``density1d``: one axes, a Gaussian KDE (Scott's bandwidth) per run and the exact data
   density ``exp(dataset.log_prob(x))`` dashed (a KDE of data draws if there is none);
-* ``scatter2d``: a panel of fresh data draws, then one panel per run.
+* ``scatter2d``: a panel of fresh data draws, then one panel per run, all framed on the data
+  (its range padded by half; each title counts the samples outside the frame).
 
 ``histogram`` (ELEGANT Fig. 2) reads each run's ``rewards.npy`` (the nominal reward of its
 evaluation samples) instead::
@@ -64,6 +65,11 @@ def _density1d(runs: list[tuple[str, Run, np.ndarray]], dataset, data: np.ndarra
 
 
 def _scatter2d(runs: list[tuple[str, Run, np.ndarray]], dataset, data: np.ndarray) -> Figure:
+    # every panel frames the data (its range, padded by half): a few far-off samples of a
+    # diverging run would otherwise shrink every panel's roll to a dot; how many fall
+    # outside is in the panel's title
+    low, high = data.min(0), data.max(0)
+    low, high = low - 0.5 * (high - low), high + 0.5 * (high - low)
     panels = [("data", data), *((f"{label}\nreward {fmt(r.metrics, 'reward_mean')}, "
                                  f"KL(data) {fmt(r.metrics, 'kl_data')}", x) for label, r, x in runs)]
     ncols = min(len(panels), 4)
@@ -71,8 +77,11 @@ def _scatter2d(runs: list[tuple[str, Run, np.ndarray]], dataset, data: np.ndarra
     fig = Figure(figsize=(3.2 * ncols, 3.4 * nrows))
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax, (title, x) in zip(axes, panels):
+        outside = int((((x < low) | (x > high)).any(1)).sum())
         ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.6, color="k" if title == "data" else None)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + (f"\n{outside} of {len(x)} outside this frame" if outside else ""), fontsize=9)
+        ax.set_xlim(low[0], high[0])
+        ax.set_ylim(low[1], high[1])
         ax.set_aspect("equal", adjustable="box")
         ax.tick_params(labelbottom=True)  # a panel above an empty slot keeps its x labels
     for ax in axes[len(panels):]:
