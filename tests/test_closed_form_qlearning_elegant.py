@@ -186,6 +186,20 @@ def test_qlearning_reaches_the_fixed_variance_optimum_at_alpha_one_over_beta(cri
     assert abs(float(final.var()) - expected[1]) < 4 * se_var, (float(final.var()), expected)
     assert expected[1] - qlearning_terminal(method)[1] > 20 * se_var  # the inflation is visible
 
+    # evaluation: eval_actions=mean generates the mean-policy chain (with its path KL),
+    # sampled the exploratory one (every action drawn from pi, as the paper's simulator
+    # (33); no path KL), from the evaluation's generator alone
+    mean_policy = qlearning_terminal(method)
+    training_state = method.generator.get_state()
+    for eval_actions, law in (("mean", mean_policy), ("sampled", expected)):
+        method.eval_actions = eval_actions
+        gen = method.generate(n, torch.Generator().manual_seed(1))
+        final = gen.states[:, 0].double()
+        assert abs(float(final.mean()) - law[0]) < 4 * math.sqrt(law[1] / n), (eval_actions, float(final.mean()), law)
+        assert abs(float(final.var()) - law[1]) < 4 * law[1] * math.sqrt(2 / n), (eval_actions, float(final.var()), law)
+        assert ("kl_path" in gen.kl_terms) == (eval_actions == "mean")
+    assert torch.equal(method.generator.get_state(), training_state)
+
 
 def test_qlearning_with_the_temperature_as_a_reward_scale_misses_it(monkeypatch):
     """Negative control (a wrong temperature/weight mapping): the terminal reward divided by

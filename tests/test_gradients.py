@@ -144,6 +144,7 @@ def test_ddpo_advantages_are_normalised():
     (QLearning, dict(reward_weight=-1.0, temperature=0.1, delta=1e-4), "reward_weight"),
     (QLearning, dict(reward_weight=1.0, temperature=0.1, delta=1e-4, critic_target="td0"), "critic_target"),
     (QLearning, dict(reward_weight=1.0, temperature=0.1, delta=1e-4, critic_entropy="none"), "critic_entropy"),
+    (QLearning, dict(reward_weight=1.0, temperature=0.1, delta=1e-4, eval_actions="samples"), "eval_actions"),
     (DDPO, dict(batch_size=0), "batch_size"),
     (DDPO, dict(lr=0.0), "lr"),
 ])

@@ -297,11 +297,19 @@ class FineTuneMethod(L.LightningModule):
         only thing the shared evaluation asks of a method. Default: one rollout of
         :meth:`eval_policy` on the configured sampler. Methods that are not one chain
         (ELEGANT's two chains, particle samplers, value-guided sampling) override it."""
+        return self.generate_with(self.eval_policy(), n, generator, cond)
+
+    @torch.no_grad()
+    def generate_with(self, policy, n: int, generator: torch.Generator, cond: Any = None,
+                      path_kl: bool = True) -> Generation:
+        """One evaluation rollout of ``policy`` (conditions drawn from the evaluation split when
+        none are given); ``path_kl=False`` leaves the path KL out of the generation (a policy
+        whose path KL to the reference the step formula does not give)."""
         if cond is None:
             cond = self.condition_source.sample(n, generator, generator.device, split="eval")
-        traj = self.sampler.rollout(self.eval_policy(), n, generator=generator, event_shape=self.backbone.event_shape,
-                                    cond=cond, reference=self.reference, device=generator.device)
-        return Generation(traj.final, {"kl_path": traj.path_kl()})
+        traj = self.sampler.rollout(policy, n, generator=generator, event_shape=self.backbone.event_shape,
+                                    cond=cond, reference=self.reference if path_kl else None, device=generator.device)
+        return Generation(traj.final, {"kl_path": traj.path_kl()} if path_kl else {})
 
     def extra_metrics(self) -> dict[str, float]:
         """Numbers the method knows without sampling (the exact optimum's expectations), written

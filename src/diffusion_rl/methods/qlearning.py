@@ -44,11 +44,22 @@ Consequences used below (derivations, since the extraction lost the formulas):
 
 The simulator is whichever sampler is configured (Euler–Maruyama = eq. 33, ODE-Euler and
 DDIM = §7.1): the sampled action enters its transition in place of the score.
+
+Evaluation, ``eval_actions``: ``mean`` (default) generates with the policy's mean
+``mu_psi``, the exploratory formulation's averaged dynamics (the action noise adds
+``g sqrt(gamma) dt`` per Euler–Maruyama step, whose total variance ``g^2 gamma T dt``
+vanishes as ``dt -> 0``); ``sampled`` draws every action from ``pi``, as the paper's
+simulator (33) generates its 300 samples. At ``dt = 0.1`` and ``gamma = 5`` that noise has
+half the chain's own variance per step. A sampled-action chain has no path KL in the step
+formula (each action would count as its step's mean, adding ``gamma d dt / 2`` per step of
+pure exploration noise; under a deterministic sampler the KL is infinite), so it reports
+none: its KL column is KL(data).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -65,8 +76,11 @@ class QLearning(FineTuneMethod):
 
     def __init__(self, *args, reward_weight: float, temperature: float, delta: float,
                  data_samples: int = 300, value_lr: float = 1e-3, value_hidden: int = 64,
-                 critic_target: str = "td", critic_entropy: str = "closed_form", **kw):
+                 critic_target: str = "td", critic_entropy: str = "closed_form", eval_actions: str = "mean", **kw):
         super().__init__(*args, **kw)
+        if eval_actions not in ("mean", "sampled"):
+            raise ValueError(f"method.eval_actions must be mean or sampled (got {eval_actions!r})")
+        self.eval_actions = eval_actions
         if critic_target not in ("td", "monte_carlo"):
             raise ValueError(f"method.critic_target must be td or monte_carlo (got {critic_target!r})")
         if critic_entropy not in ("closed_form", "learned"):
@@ -92,10 +106,19 @@ class QLearning(FineTuneMethod):
     def _action_std(self, s: Tensor) -> Tensor:
         return math.sqrt(self.temperature) / self.sampler.process.reverse_diffusion(s)
 
-    def _policy(self, x: Tensor, s: Tensor, cond=None) -> Tensor:
-        """Sample ``a ~ N(mu_psi(t, x), gamma / g^2 I)``."""
-        noise = torch.randn(x.shape, generator=self.generator, device=x.device)
+    def _policy(self, x: Tensor, s: Tensor, cond=None, generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``a ~ N(mu_psi(t, x), gamma / g^2 I)`` (noise from ``generator``, default the
+        training one)."""
+        noise = torch.randn(x.shape, generator=generator or self.generator, device=x.device)
         return self.backbone(x, s, cond) + self._action_std(s).unsqueeze(-1) * noise
+
+    @torch.no_grad()
+    def generate(self, n: int, generator: torch.Generator, cond=None):
+        if self.eval_actions == "mean":
+            return super().generate(n, generator, cond)
+        # the evaluation's generator draws the actions too, so eval.seed picks another
+        # evaluation and the training generator's state is not touched
+        return self.generate_with(partial(self._policy, generator=generator), n, generator, cond, path_kl=False)
 
     def critic_terms(self, traj) -> dict[str, Tensor]:
         """What the critic and actor losses read from one rollout (``[K, B]`` unless noted):
